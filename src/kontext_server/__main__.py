@@ -1,0 +1,3 @@
+from kontext_server.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Settings, read once (prefix ``KONTEXT_``) and passed down. No other module reads os.environ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every setting of kontext-server. CLI flags override the environment.
+
+    Units are in the names (``lease_s``, ``max_image_bytes``). Paths default to places under
+    ``data_dir`` so that one folder holds everything of a single-node install.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="KONTEXT_", extra="ignore")
+
+    # --- where things live -----------------------------------------------------------------
+    data_dir: Path = Path("kontext-data")
+    store: str | None = None  # sqlite:///path.db ; default: sqlite:///<data_dir>/jobs.db
+    files: str | None = None  # file:///dir ; default: file://<data_dir>/files
+
+    # --- the model -------------------------------------------------------------------------
+    model: str = "tiny"  # tiny | dummy-full | HF id | diffusers folder | .safetensors | .gguf
+    model_config_dir: Path | None = None  # diffusers config folder for single-file / GGUF
+    allow_download: bool = False  # never touch the Hugging Face hub unless allowed
+    device: str | None = None  # cuda, cuda:1, cpu; default: cuda if available
+    default_steps: int | None = None  # None: 28 for real weights, 4 for tiny
+    multi_reference_budget_px: int = 2 * 1024 * 1024  # total reference pixels for /multi
+
+    # --- HTTP ------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    insecure_no_auth: bool = False
+    workers: int | None = None  # None: one per GPU, one on a CPU-only machine
+
+    # --- queue -----------------------------------------------------------------------------
+    lease_s: float = 30.0
+    heartbeat_s: float = 5.0
+    max_attempts: int = 3
+    claim_poll_s: float = 0.02
+
+    # --- inputs ----------------------------------------------------------------------------
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    fetch_timeout_s: float = 20.0
+    fetch_allow_hosts: list[str] = Field(default_factory=list)  # private hosts allowed
+    fetch_allow_ports: list[int] = Field(default_factory=lambda: [80, 443, 8080, 8443])
+
+    # --- webhooks --------------------------------------------------------------------------
+    webhook_max_attempts: int = 10
+    webhook_timeout_s: float = 15.0
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    def files_url(self) -> str:
+        return self.files or f"file://{(self.data_dir / 'files').resolve()}"

@@ -1,0 +1,67 @@
+"""Typed request and result of one edit: torch-free, shared by the worker and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from PIL import Image
+
+__all__ = ["EditPipeline", "EditRequest", "EditResult", "EncodedImage", "OutputFormat"]
+
+OutputFormat = Literal["jpeg", "png"]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit. ``images`` are decoded RGB references (one, or several for /multi)."""
+
+    prompt: str
+    images: list[Image.Image]
+    seed: int | None = None  # None: drawn and returned
+    guidance_scale: float = 3.5
+    num_images: int = 1
+    aspect_ratio: str | None = None  # "W:H"; None: follow the (first) input
+    num_inference_steps: int | None = None  # None: the model's default
+    output_format: OutputFormat = "jpeg"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    width: int
+    height: int
+    content_type: str  # image/jpeg | image/png
+
+    @property
+    def extension(self) -> str:
+        return "png" if self.content_type == "image/png" else "jpeg"
+
+
+@dataclass(frozen=True)
+class EditResult:
+    images: list[EncodedImage]
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: inference, encode, ...
+    random_weights: bool = False  # True for tiny / dummy-full: outputs are noise
+
+
+class EditPipeline(Protocol):
+    """What the worker needs from an engine. ``worker.pipeline.KontextPipeline`` is the real
+    one; tests may pass hand-written fakes."""
+
+    random_weights: bool
+    default_steps: int
+
+    def edit(
+        self,
+        request: EditRequest,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> EditResult:
+        """Run one edit. ``on_step(step, total)`` after every denoising step (1-based);
+        ``should_cancel()`` is polled after every step and a True stops the edit with
+        ``EditCancelled`` before anything is decoded."""
+        ...

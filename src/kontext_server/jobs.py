@@ -1,0 +1,124 @@
+"""Domain types of the queue. fal's words (request_id, IN_QUEUE, ...) live only in ``http/``.
+
+Times are unix seconds as floats (``*_at``); durations carry their unit (``lease_s``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "PRIORITY_LOW",
+    "PRIORITY_NORMAL",
+    "ApiKey",
+    "CancelOutcome",
+    "Job",
+    "JobEvent",
+    "JobStatus",
+    "NewJob",
+    "Progress",
+    "WebhookDelivery",
+]
+
+PRIORITY_NORMAL = 0
+PRIORITY_LOW = 1  # sorts after every normal job
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    step: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """What submit inserts. ``input`` is the validated endpoint input as JSON."""
+
+    id: str
+    endpoint: str  # e.g. "fal-ai/flux-pro/kontext/max"
+    input: dict[str, Any]
+    owner: str | None = None  # API key id; None when authentication is off
+    priority: int = PRIORITY_NORMAL
+    max_attempts: int = 3
+    start_deadline_at: float | None = None  # X-Fal-Request-Timeout, absolute
+    webhook_url: str | None = None
+    base_url: str | None = None  # where the client reached us; used to render webhook URLs
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    seq: int
+    endpoint: str
+    input: dict[str, Any]
+    owner: str | None
+    priority: int
+    status: JobStatus
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    lease_owner: str | None
+    lease_until: float | None
+    result: dict[str, Any] | None
+    error: str | None
+    error_type: str | None
+    progress: Progress | None
+    start_deadline_at: float | None
+    webhook_url: str | None
+    base_url: str | None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One line of a job's log (the source of status ``logs`` and of SSE updates)."""
+
+    id: int  # monotonic per store; SSE resumes after it
+    job_id: str
+    at: float
+    level: str  # INFO | WARN | ERROR | DEBUG
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class CancelOutcome(enum.StrEnum):
+    NOT_FOUND = "not_found"
+    ALREADY_FINISHED = "already_finished"
+    CANCELED = "canceled"  # was queued: finished at once
+    REQUESTED = "requested"  # running: the worker stops within one step
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One pending webhook: an outbox row claimed by one API process for a while."""
+
+    id: int
+    job_id: str
+    url: str
+    attempts: int
+    next_attempt_at: float

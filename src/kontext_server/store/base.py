@@ -1,0 +1,133 @@
+"""The ``JobStore`` protocol: one state machine, one conformance suite, several backends.
+
+State machine (``JobStatus``)::
+
+    queued --claim--> running --finish(succeeded|failed|canceled)--> final
+      |  ^               |
+      |  +--lease expired, attempts < max_attempts (keeps its place: same priority, seq)
+      |                  +--lease expired, attempts >= max_attempts --> failed (runner_disconnected)
+      +--cancel--> canceled (at once)      running --cancel--> cancel_requested, worker finishes
+      +--start deadline passed--> failed (request_timeout)
+
+Rules every backend keeps:
+
+* ``claim`` is atomic: two workers never hold the same job; ``attempts`` is bumped at claim
+  so that crashes count. Order: lowest ``priority`` first, then lowest ``seq``.
+* Writes from a worker (``heartbeat``, ``set_progress``, ``finish``) are *fenced* by
+  ``(job_id, worker_id, attempt)``: a worker that lost its lease changes nothing and is
+  told so by a ``False`` return.
+* Reaching a final status with a ``webhook_url`` enqueues one outbox row in the same
+  transaction.
+* ``queue_position`` counts queued jobs ahead by (priority, seq) using an index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from kontext_server.jobs import (
+    ApiKey,
+    CancelOutcome,
+    Job,
+    JobEvent,
+    JobStatus,
+    NewJob,
+    Progress,
+    WebhookDelivery,
+)
+
+__all__ = ["JobStore"]
+
+
+class JobStore(Protocol):
+    """Durable job queue. Thread-safe: each thread may call any method."""
+
+    # --- API side ---------------------------------------------------------------------------
+    def submit(self, job: NewJob) -> tuple[Job, bool]:
+        """Insert ``job``; returns ``(job, True)``. With an ``idempotency_key`` already used by
+        the same owner, inserts nothing and returns ``(existing_job, False)``."""
+        ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def queue_position(self, job_id: str) -> int | None:
+        """Queued jobs ahead of this one; ``None`` unless it is queued."""
+        ...
+
+    def queue_depth(self) -> int: ...
+
+    def request_cancel(self, job_id: str) -> CancelOutcome:
+        """Queued: canceled at once. Running: flag set, the worker stops within one step."""
+        ...
+
+    def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]: ...
+
+    # --- worker side ------------------------------------------------------------------------
+    def claim(self, worker_id: str, lease_s: float) -> Job | None:
+        """Atomically take the best queued job (status -> running, attempts + 1, lease)."""
+        ...
+
+    def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
+        """Extend the lease; ``False`` when the lease is no longer this worker's."""
+        ...
+
+    def is_cancel_requested(self, job_id: str) -> bool: ...
+
+    def set_progress(self, job_id: str, worker_id: str, attempt: int, progress: Progress) -> bool:
+        """Fenced progress write (also appends a ``step i/N`` event)."""
+        ...
+
+    def add_event(
+        self, job_id: str, message: str, level: str = "INFO", data: dict[str, Any] | None = None
+    ) -> None: ...
+
+    def finish(
+        self,
+        job_id: str,
+        worker_id: str,
+        attempt: int,
+        status: JobStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+    ) -> bool:
+        """Fenced completion to a final status; ``False`` if this attempt no longer owns it."""
+        ...
+
+    # --- maintenance (any process, idempotent) -------------------------------------------------
+    def requeue_expired(self) -> int:
+        """Expired leases: back to queued keeping their place, or failed past max_attempts."""
+        ...
+
+    def expire_unstarted(self) -> int:
+        """Queued jobs past their start deadline -> failed with error_type request_timeout."""
+        ...
+
+    # --- webhook outbox -----------------------------------------------------------------------
+    def claim_webhooks(self, claimer: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
+        """Due deliveries, leased to ``claimer`` so that one API process sends each."""
+        ...
+
+    def webhook_delivered(self, delivery_id: int) -> None: ...
+
+    def webhook_retry(self, delivery_id: int, next_attempt_at: float, error: str) -> None: ...
+
+    def webhook_give_up(self, delivery_id: int, error: str) -> None: ...
+
+    # --- API keys (stored hashed) ---------------------------------------------------------------
+    def create_api_key(self, key_id: str, name: str, key_hash: str) -> ApiKey: ...
+
+    def find_api_key(self, key_hash: str) -> ApiKey | None:
+        """The active (not revoked) key with this hash."""
+        ...
+
+    def list_api_keys(self) -> list[ApiKey]: ...
+
+    def revoke_api_key(self, key_id: str) -> bool: ...
+
+    def has_api_keys(self) -> bool:
+        """True when at least one active key exists (authentication on)."""
+        ...
+
+    def close(self) -> None: ...
