@@ -1,0 +1,137 @@
+"""``kontext-server serve``: the HTTP API plus the worker processes it starts and watches."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from typing import Annotated
+
+import typer
+
+from kontext_server.cli._app import app
+from kontext_server.cli.common import (
+    DataDirOpt,
+    FilesOpt,
+    ModelOpt,
+    StoreOpt,
+    configure_logging,
+    load_settings,
+)
+from kontext_server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def worker_argv(settings: Settings) -> list[str]:
+    """The flags a worker needs to reach the same stores and model as this server."""
+    argv = [
+        "--store",
+        settings.store_url(),
+        "--files",
+        settings.files_url(),
+        "--model",
+        settings.model,
+        "--data-dir",
+        str(settings.data_dir),
+    ]
+    if settings.device:
+        argv += ["--device", settings.device]
+    return argv
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    model: ModelOpt = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (default: one per GPU, 1 on CPU).")
+    ] = None,
+    store: StoreOpt = None,
+    files: FilesOpt = None,
+    data_dir: DataDirOpt = None,
+    device: Annotated[str | None, typer.Option(help="Worker device: cuda, cpu, ...")] = None,
+    ssl_certfile: Annotated[
+        str | None, typer.Option(help="Serve HTTPS with this PEM certificate (chain).")
+    ] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option(help="Private key of --ssl-certfile.")] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth", help="Allow a non-loopback bind with no API key configured."
+        ),
+    ] = False,
+) -> None:
+    """Serve fal's queue API for FLUX.1 Kontext, with worker processes running the edits."""
+    settings = load_settings(
+        host=host,
+        port=port,
+        model=model,
+        workers=workers,
+        store=store,
+        files=files,
+        data_dir=data_dir,
+        device=device,
+        insecure_no_auth=insecure_no_auth or None,
+    )
+    configure_logging(settings)
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise typer.BadParameter("--ssl-certfile and --ssl-keyfile go together")
+    run_server(settings, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+
+
+def run_server(
+    settings: Settings, *, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+) -> None:
+    import uvicorn
+
+    from kontext_server.files import open_file_store
+    from kontext_server.http.app import create_app
+    from kontext_server.store import open_store
+    from kontext_server.supervisor import WorkerSupervisor, visible_gpus, worker_specs
+    from kontext_server.webhooks.signing import WebhookSigner
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.store_url())  # creates the schema before any worker starts
+    if not is_loopback_host(settings.host) and not store.has_api_keys():
+        if not settings.insecure_no_auth:
+            raise typer.BadParameter(
+                f"refusing to serve on {settings.host} with no API key: anyone could use "
+                "this server. Create a key with `kontext-server keys create --name NAME`, bind "
+                "127.0.0.1, or pass --insecure-no-auth.",
+                param_hint="--host",
+            )
+        log.warning("serving on %s with authentication OFF (--insecure-no-auth)", settings.host)
+    files = open_file_store(settings.files_url())
+    signer = WebhookSigner.load_or_create(settings.data_dir / "webhook-ed25519.pem")
+    api = create_app(settings, store, files, signer=signer)
+
+    gpus = visible_gpus(os.environ)
+    count = settings.workers if settings.workers is not None else max(1, len(gpus))
+    supervisor = WorkerSupervisor(worker_specs(count, gpus, worker_argv(settings)))
+    supervisor.start()
+    scheme = "https" if ssl_certfile else "http"
+    log.info("serving on %s://%s:%d with %d worker(s)", scheme, settings.host, settings.port, count)
+    try:
+        uvicorn.run(
+            api,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=5,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+        )
+    finally:
+        supervisor.stop()
+        store.close()

@@ -1,0 +1,127 @@
+"""Starts, watches and restarts the worker processes of ``kontext-server serve``.
+
+Workers are separate programs (``python -m kontext_server worker``), so the API process never
+imports torch and a worker that crashes (or is killed) takes nothing else down: its job's
+lease expires and the job is re-queued, and the supervisor starts a new worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["WorkerSpec", "WorkerSupervisor", "visible_gpus", "worker_specs"]
+
+log = logging.getLogger(__name__)
+
+
+def visible_gpus(env: Mapping[str, str]) -> list[str]:
+    """Ids of the GPUs workers may use, found without importing torch ([] on CPU-only hosts)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    return [str(i) for i in range(count)]
+
+
+@dataclass
+class WorkerSpec:
+    """How to start worker ``index``: its argv and extra environment (e.g. its GPU)."""
+
+    argv: Sequence[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    spec: WorkerSpec
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    next_start_at: float = 0.0
+
+
+class WorkerSupervisor:
+    """Keeps one process per ``WorkerSpec`` alive, with backoff on repeated crashes."""
+
+    def __init__(self, specs: Sequence[WorkerSpec], *, poll_s: float = 0.5) -> None:
+        self._slots = [_Slot(spec) for spec in specs]
+        self._poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self._slots if s.process and s.process.poll() is None]
+
+    def start(self) -> None:
+        for slot in self._slots:
+            self._spawn(slot)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM every worker (each finishes its job in hand), then SIGKILL stragglers."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        running = [s.process for s in self._slots if s.process and s.process.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+
+    def _spawn(self, slot: _Slot) -> None:
+        env = {**os.environ, **slot.spec.env}
+        slot.process = subprocess.Popen(list(slot.spec.argv), env=env)
+        slot.started_at = time.monotonic()
+        log.info("started worker pid %d", slot.process.pid)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            for slot in self._slots:
+                self._check(slot)
+
+    def _check(self, slot: _Slot) -> None:
+        proc = slot.process
+        now = time.monotonic()
+        if proc is not None and proc.poll() is None:
+            if now - slot.started_at > 60:
+                slot.restarts = 0  # healthy for a minute: forget earlier crashes
+            return
+        if proc is not None:
+            code = proc.returncode
+            slot.process = None
+            delay_s = min(30.0, 0.5 * 2**slot.restarts)
+            slot.restarts += 1
+            slot.next_start_at = now + delay_s
+            log.warning("worker pid %d exited with %s; restarting in %.1f s", proc.pid, code, delay_s)
+        if now >= slot.next_start_at and not self._stop.is_set():
+            self._spawn(slot)
+
+
+def worker_specs(count: int, gpus: Sequence[str], base_argv: Sequence[str]) -> list[WorkerSpec]:
+    """One spec per worker; on a GPU machine worker i sees only GPU ``gpus[i % len(gpus)]``."""
+    argv = [sys.executable, "-m", "kontext_server", "worker", *base_argv]
+    if not gpus:
+        return [WorkerSpec(argv) for _ in range(count)]
+    return [WorkerSpec(argv, {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}) for i in range(count)]
