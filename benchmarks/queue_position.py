@@ -1,0 +1,135 @@
+"""Queue-position and claim latency of the SQLite job store with a deep queue.
+
+Fills a temporary store with ``--jobs`` queued jobs (100k by default) through ``submit``,
+then measures ``queue_position`` for a job at the front, in the middle and at the back of
+the line, ``queue_depth``, ``claim`` with the deep queue, and ``claim`` on an empty store
+(what an idle worker pays per poll). Prints one JSON object; target: queue_position p99
+< 10 ms at the back of a 100k queue.
+
+    .venv/bin/python benchmarks/queue_position.py [--jobs 100000] [--samples 200]
+
+``run()`` is importable for a combined API benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kontext_server.jobs import NewJob
+from kontext_server.store.sqlite import SQLiteJobStore
+
+__all__ = ["run"]
+
+TARGET_QUEUE_POSITION_MS = 10.0
+LEASE_S = 300.0
+SAMPLE_INPUT = {
+    "prompt": "Put a donut next to the flour.",
+    "image_url": "https://v3.fal.media/files/rabbit/rmgBxhwGYb2d3pl3x9sKf_output.png",
+    "guidance_scale": 3.5,
+    "num_images": 1,
+    "output_format": "jpeg",
+    "safety_tolerance": "2",
+}
+
+
+def latency_ms(call: Callable[[], object], samples: int) -> dict[str, float]:
+    """p50 / p99 / max of ``samples`` calls, in milliseconds."""
+    timings = []
+    for _ in range(samples):
+        started = time.perf_counter_ns()
+        call()
+        timings.append((time.perf_counter_ns() - started) / 1e6)
+    return {
+        "p50_ms": round(statistics.median(timings), 4),
+        "p99_ms": round(statistics.quantiles(timings, n=100, method="inclusive")[98], 4),
+        "max_ms": round(max(timings), 4),
+    }
+
+
+def fill(store: SQLiteJobStore, jobs: int) -> tuple[list[str], float]:
+    """Submit ``jobs`` queued jobs; returns their ids (oldest first) and submits per second."""
+    ids = []
+    started = time.perf_counter()
+    for _ in range(jobs):
+        job, _ = store.submit(
+            NewJob(id=str(uuid.uuid4()), endpoint="fal-ai/flux-pro/kontext/max", input=SAMPLE_INPUT)
+        )
+        ids.append(job.id)
+    return ids, jobs / (time.perf_counter() - started)
+
+
+def measure_claims(store: SQLiteJobStore, samples: int) -> dict[str, float]:
+    def claim() -> None:
+        if store.claim("bench-worker", LEASE_S) is None:
+            raise RuntimeError("the queue ran dry during the claim benchmark")
+
+    return latency_ms(claim, samples)
+
+
+def run(jobs: int = 100_000, samples: int = 200, folder: Path | None = None) -> dict[str, Any]:
+    """Run the whole benchmark in a temporary folder (or ``folder``); returns the figures."""
+    with tempfile.TemporaryDirectory(prefix="kontext-bench-", dir=folder) as temporary:
+        store = SQLiteJobStore(Path(temporary) / "jobs.db")
+        idle = SQLiteJobStore(Path(temporary) / "idle.db")
+        try:
+            ids, submits_per_s = fill(store, jobs)
+            where = {"front": ids[0], "middle": ids[len(ids) // 2], "back": ids[-1]}
+            positions = {
+                name: latency_ms(partial(store.queue_position, job_id), samples)
+                for name, job_id in where.items()
+            }
+            depth = latency_ms(store.queue_depth, samples)
+            claim = measure_claims(store, min(samples, jobs - 1))
+            claim_idle = latency_ms(lambda: idle.claim("bench-worker", LEASE_S), samples)
+        finally:
+            store.close()
+            idle.close()
+    worst_ms = max(p["p99_ms"] for p in positions.values())
+    return {
+        "benchmark": "queue_position",
+        "queued_jobs": jobs,
+        "samples": samples,
+        "submit_per_s": round(submits_per_s, 1),
+        "queue_position": positions,
+        "queue_depth": depth,
+        "claim": claim,
+        "claim_idle": claim_idle,
+        "target_queue_position_p99_ms": TARGET_QUEUE_POSITION_MS,
+        "meets_target": worst_ms < TARGET_QUEUE_POSITION_MS,
+        "environment": {
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=100_000, help="queued jobs (default 100000)")
+    parser.add_argument("--samples", type=int, default=200, help="calls per figure (default 200)")
+    parser.add_argument("--dir", type=Path, default=None, help="where the temporary DB goes")
+    args = parser.parse_args(argv)
+    if args.jobs < 2 or args.samples < 2:
+        parser.error("--jobs and --samples must be at least 2")
+    figures = run(args.jobs, args.samples, args.dir)
+    print(json.dumps(figures, indent=2))
+    return 0 if figures["meets_target"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
