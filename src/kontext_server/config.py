@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings"]
 
@@ -49,14 +49,24 @@ class Settings(BaseSettings):
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     fetch_timeout_s: float = 20.0
-    fetch_allow_hosts: list[str] = Field(default_factory=list)  # private hosts allowed
-    fetch_allow_ports: list[int] = Field(default_factory=lambda: [80, 443, 8080, 8443])
+    # comma-separated in the environment: KONTEXT_FETCH_ALLOW_HOSTS=10.0.0.0/8,minio.internal
+    fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    fetch_allow_ports: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [80, 443, 8080, 8443]
+    )
 
     # --- webhooks --------------------------------------------------------------------------
     webhook_max_attempts: int = 10
     webhook_timeout_s: float = 15.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("fetch_allow_hosts", "fetch_allow_ports", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     def store_url(self) -> str:
         return self.store or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"

@@ -1,0 +1,187 @@
+"""``create_app``: the FastAPI application of the API process.
+
+Routes (PROTOCOL.md §1): the queue API at ``/`` and ``/queue/``, sync runs at ``/run/``,
+output files at ``/files/``, webhook keys at ``/.well-known/jwks.json``. While the app runs,
+two daemon threads work beside it: the queue maintenance loop (lost workers, start deadlines)
+and the webhook dispatcher (the durable outbox). The API process never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from kontext_server import __version__
+from kontext_server.auth import Authenticator
+from kontext_server.config import Settings
+from kontext_server.fetch import SafeFetcher
+from kontext_server.files.base import FileStore
+from kontext_server.http.context import ApiContext
+from kontext_server.http.errors import install_exception_handlers
+from kontext_server.http.fal import QUEUE_PREFIXES, queue_router, run_router
+from kontext_server.http.files import files_router
+from kontext_server.http.wellknown import wellknown_router
+from kontext_server.service import MaintenanceLoop, QueueService
+from kontext_server.store.base import JobStore
+from kontext_server.webhooks.delivery import WebhookDispatcher
+from kontext_server.webhooks.signing import WebhookSigner
+
+__all__ = ["CORS_ALLOWED_HEADERS", "WEBHOOK_KEY_FILE", "create_app"]
+
+WEBHOOK_KEY_FILE = "webhook-ed25519.pem"  # under Settings.data_dir
+# Browsers may send these (PROTOCOL.md §1-§2); Starlette's CORS takes no wildcard patterns.
+CORS_ALLOWED_HEADERS = [
+    "authorization",
+    "content-type",
+    "accept",
+    "idempotency-key",
+    "x-fal-queue-priority",
+    "x-fal-request-timeout",
+    "x-fal-request-timeout-type",
+    "x-fal-request-start-timeout",
+    "x-fal-runner-hint",
+    "x-fal-no-retry",
+    "x-fal-object-lifecycle",
+    "x-fal-object-lifecycle-preference",
+    "x-fal-target-url",
+    "x-fal-file-name",
+    "x-fal-cdn-token",
+    "x-fal-store-io",
+]
+_WEBHOOK_RESPONSE_MAX_BYTES = 64 * 1024
+_BASE64_SLACK = 1024  # room for "data:image/...;base64," around the encoded bytes
+
+
+def create_app(
+    settings: Settings,
+    store: JobStore,
+    files: FileStore,
+    *,
+    signer: WebhookSigner | None = None,
+    fetcher: SafeFetcher | None = None,
+    clock: Callable[[], float] = time.time,
+    run_background: bool = True,
+    maintenance_interval_s: float = 1.0,
+    stream_keepalive_s: float = 15.0,
+    poll_interval_s: float = 0.1,
+) -> FastAPI:
+    """The API over ``store`` and ``files``; the caller owns (and closes) both.
+
+    ``signer`` defaults to the key in ``settings.data_dir`` (created on first use);
+    ``fetcher`` (webhook delivery) to a ``SafeFetcher`` with the settings' allow-list.
+    ``run_background=False`` starts neither the maintenance loop nor the webhook dispatcher
+    (tests that drive them by hand)."""
+    signer = signer or WebhookSigner.load_or_create(settings.data_dir / WEBHOOK_KEY_FILE)
+    service = QueueService(store, files, settings, clock=clock)
+    context = ApiContext(
+        settings=settings,
+        service=service,
+        files=files,
+        authenticator=Authenticator(store, insecure_no_auth=settings.insecure_no_auth),
+        stream_keepalive_s=stream_keepalive_s,
+        poll_interval_s=poll_interval_s,
+        max_body_bytes=_max_body_bytes(settings),
+        max_data_uri_bytes=settings.max_image_bytes,
+    )
+    background = _Background(
+        MaintenanceLoop(store, interval_s=maintenance_interval_s),
+        WebhookDispatcher(
+            store,
+            signer,
+            fetcher or _webhook_fetcher(settings),
+            service.webhook_payload,
+            claimer_id=f"api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            max_attempts=settings.webhook_max_attempts,
+            clock=clock,
+        ),
+        enabled=run_background,
+    )
+    app = FastAPI(
+        title="kontext-server",
+        version=__version__,
+        description="FLUX.1 Kontext editing behind fal.ai's queue API.",
+        lifespan=background.lifespan,
+    )
+    app.state.context = context
+    app.state.signer = signer
+    _install_routes(app)
+    install_exception_handlers(app)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["GET", "HEAD", "POST", "PUT", "OPTIONS"],
+        allow_headers=CORS_ALLOWED_HEADERS,
+        expose_headers=["x-fal-request-id", "x-fal-error-type"],
+    )
+    return app
+
+
+def _install_routes(app: FastAPI) -> None:
+    # Order matters: the bare queue routes end in a catch-all ``/{endpoint:path}``.
+    app.include_router(files_router())
+    app.include_router(wellknown_router())
+    app.include_router(run_router())
+    for prefix in QUEUE_PREFIXES:
+        app.include_router(queue_router(prefix))
+
+
+def _max_body_bytes(settings: Settings) -> int:
+    """Room for two inline images of the allowed size (base64: 4 bytes per 3); more images
+    should be sent as URLs."""
+    return 2 * (settings.max_image_bytes * 4 // 3 + _BASE64_SLACK) + 64 * 1024
+
+
+def _webhook_fetcher(settings: Settings) -> SafeFetcher:
+    return SafeFetcher(
+        allow_hosts=settings.fetch_allow_hosts,
+        allow_ports=settings.fetch_allow_ports,
+        timeout_s=settings.webhook_timeout_s,
+        max_bytes=_WEBHOOK_RESPONSE_MAX_BYTES,
+        max_redirects=0,
+    )
+
+
+class _Background:
+    """The maintenance loop and the webhook dispatcher, started and stopped with the app."""
+
+    def __init__(
+        self, maintenance: MaintenanceLoop, dispatcher: WebhookDispatcher, *, enabled: bool
+    ) -> None:
+        self._maintenance = maintenance
+        self._dispatcher = dispatcher
+        self._enabled = enabled
+        self._stop = threading.Event()
+        self._dispatcher_thread: threading.Thread | None = None
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        if not self._enabled:
+            return
+        self._stop.clear()
+        self._maintenance.start()
+        self._dispatcher_thread = threading.Thread(
+            target=self._dispatcher.run_forever, args=(self._stop,), name="webhooks", daemon=True
+        )
+        self._dispatcher_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._maintenance.stop()
+        if self._dispatcher_thread is not None:
+            self._dispatcher_thread.join(10.0)
+            self._dispatcher_thread = None

@@ -1,0 +1,49 @@
+"""What every route needs (the service, the authenticator, limits) and the FastAPI
+dependencies that hand it out. ``create_app`` puts one ``ApiContext`` on ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, cast
+
+from fastapi import Depends, Request
+
+from kontext_server.auth import Authenticator, Principal
+from kontext_server.config import Settings
+from kontext_server.files.base import FileStore
+from kontext_server.service import QueueService
+
+__all__ = ["ApiContext", "Caller", "Context", "api_context", "caller", "site_base"]
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    settings: Settings
+    service: QueueService
+    files: FileStore
+    authenticator: Authenticator
+    stream_keepalive_s: float  # SSE comment line when nothing else was sent for this long
+    poll_interval_s: float  # how often streams and sync runs re-read the store
+    max_body_bytes: int
+    max_data_uri_bytes: int  # decoded size of one data: URI image
+
+
+def api_context(request: Request) -> ApiContext:
+    return cast(ApiContext, request.app.state.context)
+
+
+Context = Annotated[ApiContext, Depends(api_context)]
+
+
+def caller(request: Request, context: Context) -> Principal:
+    """Authenticates the request (raises ``AuthError``, answered 401/403)."""
+    client_host = request.client.host if request.client else None
+    return context.authenticator.authenticate(request.headers.get("authorization"), client_host)
+
+
+Caller = Annotated[Principal, Depends(caller)]
+
+
+def site_base(request: Request) -> str:
+    """Scheme, host and root path the client used to reach this server (no trailing slash)."""
+    return str(request.base_url).rstrip("/")

@@ -1,0 +1,217 @@
+"""fal's queue routes (PROTOCOL.md §1-§7) and the sync run route.
+
+The same queue routes are mounted at ``/`` and ``/queue``; URLs in answers are built from the
+base the client used (scheme, host, root path and that prefix). Request-id routes accept
+``owner/alias`` (what the clients send) or the full endpoint path before ``/requests/``, and
+answer 404 for a request of another API key.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from kontext_server.http.context import ApiContext, Caller, Context, site_base
+from kontext_server.http.sse import StatusStream
+from kontext_server.http.submission import input_model, read_input, submit_options, webhook_url
+from kontext_server.http.wire import (
+    REQUEST_ID_HEADER,
+    RequestUrls,
+    endpoint_matches,
+    error_body,
+    error_status_code,
+    status_body,
+    submit_body,
+)
+from kontext_server.jobs import CancelOutcome, Job, JobStatus
+from kontext_server.service import SubmitOutcome
+
+__all__ = ["QUEUE_PREFIXES", "RUN_PREFIX", "queue_router", "run_router"]
+
+QUEUE_PREFIXES = ("/queue", "")  # "/queue" first: the bare catch-all would swallow it
+RUN_PREFIX = "/run"
+_TRUTHY = frozenset({"1", "true", "yes", "on"})
+_NOT_FOUND = {"detail": "Request not found"}
+_CANCEL_ANSWERS = {
+    CancelOutcome.CANCELED: (202, "CANCELLATION_REQUESTED"),
+    CancelOutcome.REQUESTED: (202, "CANCELLATION_REQUESTED"),
+    CancelOutcome.ALREADY_FINISHED: (400, "ALREADY_COMPLETED"),
+    CancelOutcome.NOT_FOUND: (404, "NOT_FOUND"),
+}
+
+
+def queue_router(prefix: str) -> APIRouter:
+    """The queue API under ``prefix`` ("" or "/queue")."""
+    routes = _QueueRoutes(prefix)
+    router = APIRouter(prefix=prefix, tags=["queue"])
+    request_path = "/{endpoint:path}/requests/{request_id}"
+    router.add_api_route(f"{request_path}/status/stream", routes.stream, methods=["GET"])
+    router.add_api_route(f"{request_path}/status", routes.status, methods=["GET"])
+    router.add_api_route(f"{request_path}/cancel", routes.cancel, methods=["PUT"])
+    router.add_api_route(request_path, routes.result, methods=["GET"])
+    router.add_api_route("/{endpoint:path}", routes.submit, methods=["POST"])
+    return router
+
+
+def run_router() -> APIRouter:
+    """``POST /run/{endpoint}``: submit, wait for the end, answer the output (or the error)."""
+    router = APIRouter(prefix=RUN_PREFIX, tags=["run"])
+    router.add_api_route("/{endpoint:path}", run, methods=["POST"])
+    return router
+
+
+class _QueueRoutes:
+    """Route handlers bound to one queue prefix (it only changes the URLs they answer)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+
+    def _urls(self, request: Request, job: Job) -> RequestUrls:
+        return RequestUrls.build(site_base(request) + self._prefix, job.endpoint, job.id)
+
+    async def submit(
+        self, endpoint: str, request: Request, context: Context, principal: Caller
+    ) -> JSONResponse:
+        """Queue a request: PROTOCOL.md §3."""
+        outcome = await _submit(endpoint, request, context, principal.owner)
+        body = submit_body(outcome.job, self._urls(request, outcome.job), outcome.queue_position)
+        return JSONResponse(body, headers={REQUEST_ID_HEADER: outcome.job.id})
+
+    def status(
+        self,
+        endpoint: str,
+        request_id: str,
+        request: Request,
+        context: Context,
+        principal: Caller,
+        logs: str | None = None,
+    ) -> JSONResponse:
+        """202 while queued or running, 200 once completed: PROTOCOL.md §4."""
+        job = _find(context, endpoint, request_id, principal.owner)
+        if job is None:
+            return _not_found(request_id)
+        service = context.service
+        position = service.queue_position(job) if job.status is JobStatus.QUEUED else None
+        events = service.logs(job.id) if _truthy(logs) else None
+        body = status_body(job, self._urls(request, job), queue_position=position, logs=events)
+        code = 200 if job.status.is_final else 202
+        return JSONResponse(body, status_code=code, headers={REQUEST_ID_HEADER: job.id})
+
+    async def stream(
+        self,
+        endpoint: str,
+        request_id: str,
+        request: Request,
+        context: Context,
+        principal: Caller,
+        logs: str | None = None,
+    ) -> Response:
+        """Server-sent status events until COMPLETED: PROTOCOL.md §5."""
+        find = functools.partial(_find, context, endpoint, request_id, principal.owner)
+        job = await run_in_threadpool(find)
+        if job is None:
+            return _not_found(request_id)
+        events = StatusStream(
+            context.service,
+            job,
+            self._urls(request, job),
+            with_logs=_truthy(logs),
+            keepalive_s=context.stream_keepalive_s,
+            poll_interval_s=context.poll_interval_s,
+        )
+        headers = {REQUEST_ID_HEADER: job.id, "cache-control": "no-cache"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    def result(
+        self, endpoint: str, request_id: str, request: Request, context: Context, principal: Caller
+    ) -> JSONResponse:
+        """The output, the job's error, or 400 while not finished: PROTOCOL.md §6."""
+        job = _find(context, endpoint, request_id, principal.owner)
+        if job is None:
+            return _not_found(request_id)
+        if not job.status.is_final:
+            detail = {"detail": "Request is still in progress"}
+            return JSONResponse(detail, status_code=400, headers={REQUEST_ID_HEADER: job.id})
+        return _final_answer(context, request, job)
+
+    def cancel(
+        self, endpoint: str, request_id: str, context: Context, principal: Caller
+    ) -> JSONResponse:
+        """Queued: cancelled now; running: within one step: PROTOCOL.md §7."""
+        job = _find(context, endpoint, request_id, principal.owner)
+        outcome = CancelOutcome.NOT_FOUND
+        if job is not None:
+            outcome = context.service.cancel(job.id, principal.owner)
+        code, status = _CANCEL_ANSWERS[outcome]
+        return JSONResponse(
+            {"status": status}, status_code=code, headers={REQUEST_ID_HEADER: request_id}
+        )
+
+
+async def run(endpoint: str, request: Request, context: Context, principal: Caller) -> JSONResponse:
+    """Submit and wait. A client that hangs up cancels its request."""
+    outcome = await _submit(endpoint, request, context, principal.owner)
+    job = outcome.job
+    while not job.status.is_final:
+        await anyio.sleep(context.poll_interval_s)
+        if await request.is_disconnected():
+            await run_in_threadpool(context.service.cancel, job.id, principal.owner)
+            return JSONResponse({"detail": "Client disconnected"}, status_code=499)
+        fresh: Job | None = await run_in_threadpool(context.service.store.get, job.id)
+        job = fresh or job
+    return _final_answer(context, request, job)
+
+
+async def _submit(
+    endpoint: str, request: Request, context: ApiContext, owner: str | None
+) -> SubmitOutcome:
+    model = input_model(endpoint)
+    job_input = await read_input(
+        request,
+        model,
+        max_body_bytes=context.max_body_bytes,
+        max_data_uri_bytes=context.max_data_uri_bytes,
+    )
+    options = submit_options(request)
+    submit = functools.partial(
+        context.service.submit,
+        endpoint.strip("/"),
+        job_input,
+        owner=owner,
+        priority=options.priority,
+        start_timeout_s=options.start_timeout_s,
+        webhook_url=webhook_url(request),
+        base_url=site_base(request),
+        idempotency_key=options.idempotency_key,
+        retry=options.retry,
+    )
+    return await run_in_threadpool(submit)
+
+
+def _find(context: ApiContext, endpoint: str, request_id: str, owner: str | None) -> Job | None:
+    job = context.service.get(request_id, owner)
+    if job is None or not endpoint_matches(endpoint, job.endpoint):
+        return None
+    return job
+
+
+def _final_answer(context: ApiContext, request: Request, job: Job) -> JSONResponse:
+    headers = {REQUEST_ID_HEADER: job.id}
+    if job.status is JobStatus.SUCCEEDED:
+        output: dict[str, Any] = context.service.render_output(job, site_base(request))
+        return JSONResponse(output, headers=headers)
+    headers["x-fal-error-type"] = job.error_type or "internal_error"
+    return JSONResponse(error_body(job), status_code=error_status_code(job), headers=headers)
+
+
+def _not_found(request_id: str) -> JSONResponse:
+    return JSONResponse(_NOT_FOUND, status_code=404, headers={REQUEST_ID_HEADER: request_id})
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in _TRUTHY

@@ -1,0 +1,224 @@
+"""Input models of the fal endpoints (PROTOCOL.md §8) and the registry of served endpoints.
+
+Every validation error carries a message that says what is allowed and what was sent, e.g.
+``aspect_ratio must be a ratio W:H between 21:9 and 9:21 (e.g. 16:9, 4:3, 1:1, 9:16); got
+'string'``. Each model names its rules once (``_rules``); a model-level wrap validator rewrites
+pydantic's generic messages with them, so the messages are the same wherever a model is used.
+
+Image sources get only cheap syntax checks here (``fetch.check_image_source``): the worker
+fetches them. Pass the data-URI size cap as validation context::
+
+    MaxInput.model_validate(body, context={"max_data_uri_bytes": n})
+
+Adding an endpoint is one line in ``ENDPOINTS``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from kontext_server.errors import InputError
+from kontext_server.fetch import check_image_source
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "DEFAULT_MAX_DATA_URI_BYTES",
+    "ENDPOINTS",
+    "MAX_IMAGE_URLS",
+    "PROMPT_MAX_CHARS",
+    "SEED_LIMIT",
+    "FalInput",
+    "MaxInput",
+    "MaxMultiInput",
+]
+
+PROMPT_MAX_CHARS = 4000  # T5 reads at most 512 tokens; this only bounds what we store
+MAX_IMAGE_URLS = 10  # references for /multi; the worker also caps their total pixels
+SEED_LIMIT = 2**63  # seeds are int64 in the worker
+DEFAULT_MAX_DATA_URI_BYTES = 32 * 1024 * 1024  # decoded; when no context says otherwise
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
+
+# Error types raised by our own validators already carry a complete message: keep it.
+_OWN_ERROR_TYPES = frozenset({"image_source", "aspect_ratio", "safety_tolerance", "prompt"})
+_RATIO_PATTERN = re.compile(r"^([1-9][0-9]{0,3}):([1-9][0-9]{0,3})$")
+_SAFETY_LEVELS = ("1", "2", "3", "4", "5", "6")
+
+_ASPECT_RATIO_RULE = (
+    "aspect_ratio must be a ratio W:H between 21:9 and 9:21 (e.g. 16:9, 4:3, 1:1, 9:16)"
+)
+_ASPECT_RATIO_ENUM_RULE = "aspect_ratio must be one of " + ", ".join(ASPECT_RATIOS)
+_SAFETY_RULE = (
+    'safety_tolerance must be one of "1" to "6", as a string or an integer '
+    "(1 strictest, 6 most permissive)"
+)
+
+
+def _shown(value: Any) -> str:
+    """The offending input as the messages quote it, cut short (data URIs are long)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise PydanticCustomError("prompt", "prompt must not be empty: say what to edit")
+    return prompt
+
+
+def _check_image_source(url: str, info: ValidationInfo) -> str:
+    context = info.context if isinstance(info.context, dict) else {}
+    max_bytes = int(context.get("max_data_uri_bytes", DEFAULT_MAX_DATA_URI_BYTES))
+    try:
+        check_image_source(url, max_data_uri_bytes=max_bytes)
+    except InputError as exc:
+        raise PydanticCustomError("image_source", f"{info.field_name}: {exc}") from None
+    return url
+
+
+def _check_aspect_ratio(ratio: str | None) -> str | None:
+    """A ``W:H`` between 21:9 and 9:21 (inclusive)."""
+    if ratio is None:
+        return None
+    match = _RATIO_PATTERN.match(ratio.strip())
+    if match is None or not 9 / 21 <= int(match[1]) / int(match[2]) <= 21 / 9:
+        raise PydanticCustomError("aspect_ratio", f"{_ASPECT_RATIO_RULE}; got {_shown(ratio)}")
+    return ratio.strip()
+
+
+def _safety_level(value: Any) -> Any:
+    """ "1".."6" or 1..6, kept as the string fal uses."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 6:
+        return str(value)
+    if isinstance(value, str) and value.strip() in _SAFETY_LEVELS:
+        return value.strip()
+    raise PydanticCustomError("safety_tolerance", f"{_SAFETY_RULE}; got {_shown(value)}")
+
+
+Prompt = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_prompt)]
+ImageSource = Annotated[str, AfterValidator(_check_image_source)]
+SafetyTolerance = Annotated[Literal["1", "2", "3", "4", "5", "6"], BeforeValidator(_safety_level)]
+
+
+class FalInput(BaseModel):
+    """Fields shared by the Kontext endpoints. Unknown fields are ignored, as fal does.
+
+    ``sync_mode`` is passed on to the worker (it then answers ``data:`` URIs and stores no
+    file). ``enhance_prompt`` is accepted and passed on; no prompt upsampler is configured, so
+    the worker logs that the prompt was used as given."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    _rules: ClassVar[dict[str, str]] = {
+        "prompt": (
+            f"prompt must be a non-empty string of at most {PROMPT_MAX_CHARS} characters "
+            "(the edit instruction)"
+        ),
+        "seed": f"seed must be an integer with 0 <= seed < 2**63 ({SEED_LIMIT}), or null",
+        "guidance_scale": "guidance_scale must be a number from 1 to 20",
+        "sync_mode": "sync_mode must be true or false",
+        "num_images": "num_images must be an integer from 1 to 4",
+        "safety_tolerance": _SAFETY_RULE,
+        "output_format": 'output_format must be "jpeg" or "png"',
+        "aspect_ratio": _ASPECT_RATIO_RULE,
+        "enhance_prompt": "enhance_prompt must be true or false",
+        "image_url": (
+            "image_url must be an http(s) URL or a data: URI of a jpeg, png, webp, gif or "
+            "avif image"
+        ),
+        "image_urls": (
+            f"image_urls must be a list of 1 to {MAX_IMAGE_URLS} http(s) URLs or data: URIs "
+            "of images"
+        ),
+    }
+    _body_rule: ClassVar[str] = "the request body must be a JSON object"
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _explain_errors(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        """Re-raise pydantic's errors with messages that say what each field allows."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            details = [cls._explained(error) for error in exc.errors()]
+            raise ValidationError.from_exception_data(exc.title, details) from None
+
+    @classmethod
+    def _explained(cls, error: Any) -> InitErrorDetails:
+        loc = tuple(error["loc"])
+        kind = str(error["type"])
+        field = str(loc[0]) if loc else ""
+        if kind in _OWN_ERROR_TYPES:
+            message = str(error["msg"])
+        elif not loc:
+            message = f"{cls._body_rule}; got {_shown(error['input'])}"
+        elif kind == "missing":
+            message = f"{field} is required: {cls._rules.get(field, field)}"
+        else:
+            message = f"{cls._rules.get(field, error['msg'])}; got {_shown(error['input'])}"
+        return {"type": PydanticCustomError(kind, message), "loc": loc, "input": error["input"]}
+
+
+class MaxInput(FalInput):
+    """``fal-ai/flux-pro/kontext/max``: edit one image (stored as ``Job.input``)."""
+
+    _body_rule: ClassVar[str] = (
+        "the request body must be a JSON object with at least prompt and image_url"
+    )
+
+    prompt: Prompt
+    image_url: ImageSource
+    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
+    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    sync_mode: bool = False
+    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    safety_tolerance: SafetyTolerance = "2"
+    output_format: Literal["jpeg", "png"] = "jpeg"
+    aspect_ratio: Annotated[str | None, AfterValidator(_check_aspect_ratio)] = None
+    enhance_prompt: bool = False
+
+
+class MaxMultiInput(FalInput):
+    """``fal-ai/flux-pro/kontext/max/multi``: edit with several reference images."""
+
+    _body_rule: ClassVar[str] = (
+        "the request body must be a JSON object with at least prompt and image_urls"
+    )
+
+    prompt: Prompt
+    image_urls: Annotated[list[ImageSource], Field(min_length=1, max_length=MAX_IMAGE_URLS)]
+    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
+    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    sync_mode: bool = False
+    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    safety_tolerance: SafetyTolerance = "2"
+    output_format: Literal["jpeg", "png"] = "jpeg"
+    aspect_ratio: (
+        Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"] | None
+    ) = None
+    enhance_prompt: bool = False
+
+    _rules: ClassVar[dict[str, str]] = {
+        **FalInput._rules,
+        "aspect_ratio": _ASPECT_RATIO_ENUM_RULE,
+    }
+
+
+# The endpoints this server serves: endpoint id -> input model. One line per endpoint.
+ENDPOINTS: dict[str, type[FalInput]] = {
+    "fal-ai/flux-pro/kontext/max": MaxInput,
+    "fal-ai/flux-pro/kontext/max/multi": MaxMultiInput,
+}

@@ -1,0 +1,180 @@
+"""Reading a submit: the JSON body, the endpoint's input model, fal's headers and the webhook.
+
+Everything that is wrong is answered 422 with a FastAPI-style ``detail`` list whose messages
+say what is allowed; nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from kontext_server.http.schemas import ENDPOINTS, FalInput
+from kontext_server.jobs import PRIORITY_LOW, PRIORITY_NORMAL
+
+__all__ = [
+    "SubmitOptions",
+    "input_model",
+    "read_input",
+    "submit_options",
+    "webhook_url",
+]
+
+_PRIORITIES = {"normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
+_TRUTHY = frozenset({"1", "true", "yes", "on"})
+_MAX_IDEMPOTENCY_KEY_CHARS = 255
+_MAX_WEBHOOK_URL_CHARS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """fal's request headers, in domain words."""
+
+    priority: int = PRIORITY_NORMAL
+    start_timeout_s: float | None = None
+    retry: bool = True
+    idempotency_key: str | None = None
+
+
+def input_model(endpoint: str) -> type[FalInput]:
+    """The input model of a served endpoint; 404 that lists the served ones otherwise."""
+    model = ENDPOINTS.get(endpoint.strip("/"))
+    if model is None:
+        served = ", ".join(ENDPOINTS)
+        raise HTTPException(404, f"Unknown endpoint {endpoint!r}; this server serves: {served}")
+    return model
+
+
+async def read_input(
+    request: Request, model: type[FalInput], *, max_body_bytes: int, max_data_uri_bytes: int
+) -> dict[str, Any]:
+    """The validated input as JSON (what ``Job.input`` stores)."""
+    data = _parse_json(await _read_body(request, max_body_bytes))
+    try:
+        validated = model.model_validate(data, context={"max_data_uri_bytes": max_data_uri_bytes})
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        ) from None
+    return validated.model_dump(mode="json")
+
+
+async def _read_body(request: Request, max_body_bytes: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise _too_large(max_body_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise _too_large(max_body_bytes)
+    return bytes(body)
+
+
+def _too_large(max_body_bytes: int) -> HTTPException:
+    return HTTPException(
+        413,
+        f"The request body is larger than {max_body_bytes} bytes; send large images as "
+        "http(s) URLs instead of data: URIs",
+    )
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        position = exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise _invalid(
+            ("body", position),
+            "json_invalid",
+            f"the request body is not valid JSON ({reason} at position {position}); send a "
+            'JSON object such as {"prompt": "...", "image_url": "https://..."}',
+        ) from None
+
+
+def submit_options(request: Request) -> SubmitOptions:
+    """Priority, start deadline, retry and idempotency key from the request's headers.
+    ``X-Fal-Runner-Hint`` and ``X-Fal-Object-Lifecycle-Preference`` are accepted and unused."""
+    headers = request.headers
+    return SubmitOptions(
+        priority=_priority(headers.get("x-fal-queue-priority")),
+        start_timeout_s=_start_timeout_s(
+            headers.get("x-fal-request-start-timeout") or headers.get("x-fal-request-timeout")
+        ),
+        retry=(headers.get("x-fal-no-retry") or "").strip().lower() not in _TRUTHY,
+        idempotency_key=_idempotency_key(headers.get("idempotency-key")),
+    )
+
+
+def _priority(value: str | None) -> int:
+    if value is None or not value.strip():
+        return PRIORITY_NORMAL
+    priority = _PRIORITIES.get(value.strip().lower())
+    if priority is None:
+        raise _invalid(
+            ("header", "x-fal-queue-priority"),
+            "enum",
+            f"X-Fal-Queue-Priority must be 'normal' or 'low'; got {value!r}",
+        )
+    return priority
+
+
+def _start_timeout_s(value: str | None) -> float | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise _invalid(
+            ("header", "x-fal-request-timeout"),
+            "greater_than",
+            f"X-Fal-Request-Timeout must be a number of seconds greater than 0; got {value!r}",
+        )
+    return seconds
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    if len(value) > _MAX_IDEMPOTENCY_KEY_CHARS:
+        raise _invalid(
+            ("header", "idempotency-key"),
+            "string_too_long",
+            f"Idempotency-Key must be at most {_MAX_IDEMPOTENCY_KEY_CHARS} characters",
+        )
+    return value.strip()
+
+
+def webhook_url(request: Request) -> str | None:
+    """``?fal_webhook=``: an absolute http(s) URL; the dispatcher checks where it points."""
+    url = request.query_params.get("fal_webhook")
+    if url is None or not url.strip():
+        return None
+    parts = urlsplit(url.strip())
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or len(url) > _MAX_WEBHOOK_URL_CHARS
+    ):
+        raise _invalid(
+            ("query", "fal_webhook"),
+            "url_parsing",
+            f"fal_webhook must be an absolute http(s) URL of at most {_MAX_WEBHOOK_URL_CHARS} "
+            f"characters; got {url[:80]!r}",
+        )
+    return url.strip()
+
+
+def _invalid(loc: tuple[str | int, ...], kind: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": loc, "msg": message, "type": kind}])

@@ -1,0 +1,203 @@
+"""The queue service: submit / get / cancel / render, in domain words, over the stores.
+
+The HTTP layer (``http/``) translates fal's protocol to these verbs; nothing here knows about
+HTTP status codes or fal's status names. Webhook bodies (PROTOCOL.md §9) are built here
+because the ``WebhookDispatcher`` asks for them (``webhook_payload``).
+
+``MaintenanceLoop`` runs in the API process: it re-queues jobs whose worker lost its lease and
+fails queued jobs past their start deadline, about once a second. Every API process may run
+one; the store's maintenance calls are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kontext_server.config import Settings
+from kontext_server.errors import KontextError
+from kontext_server.files.base import FileStore
+from kontext_server.jobs import PRIORITY_NORMAL, CancelOutcome, Job, JobEvent, JobStatus, NewJob
+from kontext_server.store.base import JobStore
+
+__all__ = [
+    "IdempotencyConflictError",
+    "MaintenanceLoop",
+    "QueueService",
+    "SubmitOutcome",
+]
+
+log = logging.getLogger(__name__)
+
+_EVENTS_PAGE = 1000
+
+
+class IdempotencyConflictError(KontextError):
+    """An ``Idempotency-Key`` was reused with a different endpoint or input."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    """What submit answers: the job, the queued jobs ahead of it, and whether it is new
+    (``False`` when an ``Idempotency-Key`` matched an earlier, identical request)."""
+
+    job: Job
+    queue_position: int
+    created: bool
+
+
+class QueueService:
+    """Submits, reads and cancels jobs for one API process.
+
+    ``owner`` is an API key id, or ``None`` when authentication is off; a job owned by another
+    key reads as absent, so callers cannot learn that it exists.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        files: FileStore,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.settings = settings
+        self._clock = clock
+
+    # --- API verbs ------------------------------------------------------------------------------
+    def submit(
+        self,
+        endpoint: str,
+        input: dict[str, Any],
+        *,
+        owner: str | None = None,
+        priority: int = PRIORITY_NORMAL,
+        start_timeout_s: float | None = None,
+        webhook_url: str | None = None,
+        base_url: str | None = None,
+        idempotency_key: str | None = None,
+        retry: bool = True,
+    ) -> SubmitOutcome:
+        """Queue one job. ``input`` must already be validated. ``start_timeout_s`` is a
+        deadline to *start* (the job fails with ``request_timeout`` if no worker took it by
+        then). ``retry=False`` runs it at most once (no re-queue after a lost worker).
+
+        Raises ``IdempotencyConflictError`` when ``idempotency_key`` was used by this owner for
+        a different request."""
+        new_job = NewJob(
+            id=str(uuid.uuid4()),
+            endpoint=endpoint,
+            input=input,
+            owner=owner,
+            priority=priority,
+            max_attempts=self.settings.max_attempts if retry else 1,
+            start_deadline_at=None if start_timeout_s is None else self._clock() + start_timeout_s,
+            webhook_url=webhook_url,
+            base_url=base_url,
+            idempotency_key=idempotency_key,
+        )
+        job, created = self.store.submit(new_job)
+        if not created and (job.endpoint != endpoint or job.input != input):
+            raise IdempotencyConflictError(
+                f"Idempotency-Key {idempotency_key!r} was already used for a different request "
+                f"({job.id}); use a new key for a new request"
+            )
+        return SubmitOutcome(job, self.store.queue_position(job.id) or 0, created)
+
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, or ``None`` when it does not exist or belongs to another API key."""
+        job = self.store.get(job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            return None
+        return job
+
+    def queue_position(self, job: Job) -> int:
+        """Queued jobs ahead of ``job`` (0 when it is not queued any more)."""
+        return self.store.queue_position(job.id) or 0
+
+    def cancel(self, job_id: str, owner: str | None = None) -> CancelOutcome:
+        """Queued: canceled at once. Running: the worker stops within one step."""
+        if self.get(job_id, owner) is None:
+            return CancelOutcome.NOT_FOUND
+        return self.store.request_cancel(job_id)
+
+    def logs(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
+        """Every event of the job after ``after_id``, oldest first."""
+        events: list[JobEvent] = []
+        while True:
+            page = self.store.events(job_id, after_id=after_id, limit=_EVENTS_PAGE)
+            events.extend(page)
+            if len(page) < _EVENTS_PAGE:
+                return events
+            after_id = page[-1].id
+
+    # --- rendering ------------------------------------------------------------------------------
+    def render_output(self, job: Job, base_url: str) -> dict[str, Any]:
+        """The endpoint's output JSON (PROTOCOL.md §8) of a succeeded job: every stored image
+        gets a ``url`` under ``base_url`` (where the client reached this server)."""
+        if job.result is None:
+            raise ValueError(f"job {job.id} has no result (status {job.status})")
+        output = dict(job.result)
+        output["images"] = [self._render_image(image, base_url) for image in job.result["images"]]
+        return output
+
+    def _render_image(self, image: dict[str, Any], base_url: str) -> dict[str, Any]:
+        rendered = {k: v for k, v in image.items() if k != "file_key"}
+        if image.get("file_key"):
+            rendered["url"] = self.files.url(image["file_key"], base_url)
+        return rendered
+
+    def webhook_payload(self, job: Job) -> dict[str, Any]:
+        """fal's webhook body (PROTOCOL.md §9); file URLs use where the submitter reached us."""
+        body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
+        if job.status is not JobStatus.SUCCEEDED:
+            error = job.error or f"Request ended with status {job.status}"
+            detail = {"detail": error, "error_type": job.error_type or "internal_error"}
+            return {**body, "status": "ERROR", "error": error, "payload": detail}
+        try:
+            payload: dict[str, Any] | None = self.render_output(job, job.base_url or "")
+        except Exception as exc:  # the output is data of a finished job: report, never raise
+            log.exception("cannot render the output of job %s for its webhook", job.id)
+            return {**body, "status": "OK", "payload": None, "payload_error": str(exc)}
+        return {**body, "status": "OK", "payload": payload}
+
+
+class MaintenanceLoop:
+    """Re-queues expired leases and fails unstarted jobs past their deadline, every
+    ``interval_s``, on a daemon thread. ``start()`` / ``stop()``; never raises."""
+
+    def __init__(self, store: JobStore, *, interval_s: float = 1.0) -> None:
+        self._store = store
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        """One pass; returns how many jobs changed."""
+        return self._store.requeue_expired() + self._store.expire_unstarted()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="queue-maintenance", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a locked or vanished DB must not kill the loop
+                log.exception("queue maintenance failed; retrying in %.1f s", self._interval_s)
+            self._stop.wait(self._interval_s)

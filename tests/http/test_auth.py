@@ -1,0 +1,145 @@
+"""API keys: authentication off (loopback only, header ignored) and on (Key / Bearer, 401,
+and every request-id route answers 404 for another key's request)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from http_support import LOOPBACK, MAX, LiveServer, edit_body, submit
+from starlette.testclient import TestClient
+
+from kontext_server.auth import create_api_key, hash_api_key
+from kontext_server.config import Settings
+from kontext_server.jobs import JobStatus
+from kontext_server.store.sqlite import SQLiteJobStore
+
+REMOTE = ("203.0.113.9", 40000)
+
+
+def test_without_keys_any_authorization_header_is_ignored_on_loopback(
+    client: TestClient,
+) -> None:
+    for header in ("Bearer {{YOUR_API_KEY}}", "Key not-a-key", "Basic Zm9vOmJhcg=="):
+        submit(client, headers={"Authorization": header})
+
+
+def test_without_keys_a_remote_client_is_refused_with_a_clear_message(app: FastAPI) -> None:
+    with TestClient(app, client=REMOTE) as remote:
+        response = remote.post(f"/{MAX}", json=edit_body())
+
+    assert response.status_code == 403
+    assert "kontext-server keys create" in response.json()["detail"]
+
+
+def test_without_keys_insecure_no_auth_lets_remote_clients_in(
+    make_app: object, settings: Settings
+) -> None:
+    insecure = settings.model_copy(update={"insecure_no_auth": True})
+    with TestClient(make_app(settings=insecure), client=REMOTE) as remote:  # type: ignore[operator]
+        submit(remote)
+
+
+def test_a_real_loopback_connection_is_accepted_without_keys(live_server: LiveServer) -> None:
+    import httpx
+
+    response = httpx.post(f"{live_server.url}/{MAX}", json=edit_body())
+
+    assert response.status_code == 200
+
+
+@pytest.fixture
+def two_keys(store: SQLiteJobStore) -> tuple[str, str]:
+    return create_api_key(store, "alice")[1], create_api_key(store, "bob")[1]
+
+
+@pytest.mark.parametrize("scheme", ["Key", "Bearer", "key", "bearer"])
+def test_a_key_is_accepted_as_key_or_bearer(
+    client: TestClient, two_keys: tuple[str, str], scheme: str
+) -> None:
+    submit(client, headers={"Authorization": f"{scheme} {two_keys[0]}"})
+
+
+@pytest.mark.parametrize(
+    "header", [None, "Key ", "Key unknown:secret", "Basic abc", "Bearer {{YOUR_API_KEY}}"]
+)
+def test_with_keys_a_missing_or_bad_key_is_a_401(
+    client: TestClient, two_keys: tuple[str, str], header: str | None
+) -> None:
+    headers = {} if header is None else {"Authorization": header}
+
+    response = client.post(f"/{MAX}", json=edit_body(), headers=headers)
+
+    assert response.status_code == 401
+    assert set(response.json()) == {"detail"}
+
+
+def test_with_keys_a_remote_client_with_a_key_is_served(
+    app: FastAPI, two_keys: tuple[str, str]
+) -> None:
+    with TestClient(app, client=REMOTE) as remote:
+        submit(remote, headers={"Authorization": f"Key {two_keys[0]}"})
+
+
+def test_a_revoked_key_is_refused(
+    client: TestClient, store: SQLiteJobStore, two_keys: tuple[str, str]
+) -> None:
+    alice = two_keys[0]
+    assert store.revoke_api_key(alice.partition(":")[0])
+
+    response = client.post(f"/{MAX}", json=edit_body(), headers={"Authorization": f"Key {alice}"})
+
+    assert response.status_code == 401
+
+
+def test_keys_are_stored_only_as_hashes(store: SQLiteJobStore, two_keys: tuple[str, str]) -> None:
+    alice = two_keys[0]
+    database = [store.path, store.path.with_name(store.path.name + "-wal")]
+    raw = b"".join(path.read_bytes() for path in database if path.exists())
+
+    assert hash_api_key(alice).encode() in raw
+    assert alice.partition(":")[2].encode() not in raw
+    assert store.find_api_key(hash_api_key(alice)) is not None
+
+
+def test_another_keys_request_is_a_404_on_every_request_id_route(
+    client: TestClient, store: SQLiteJobStore, two_keys: tuple[str, str]
+) -> None:
+    alice = {"Authorization": f"Key {two_keys[0]}"}
+    bob = {"Authorization": f"Bearer {two_keys[1]}"}
+    answer = submit(client, headers=alice)
+    request_id = answer["request_id"]
+
+    for path in (
+        f"/fal-ai/flux-pro/requests/{request_id}/status",
+        f"/fal-ai/flux-pro/requests/{request_id}/status/stream",
+        f"/fal-ai/flux-pro/requests/{request_id}",
+        f"/queue/{MAX}/requests/{request_id}",
+    ):
+        assert client.get(path, headers=bob).status_code == 404, path
+    cancel = client.put(answer["cancel_url"], headers=bob)
+    assert cancel.status_code == 404
+    assert cancel.json() == {"status": "NOT_FOUND"}
+    job = store.get(request_id)
+    assert job is not None
+    assert job.status is JobStatus.QUEUED
+    assert client.get(answer["status_url"], headers=alice).status_code == 202
+
+
+def test_requests_without_auth_are_refused_on_every_route_once_keys_exist(
+    client: TestClient, two_keys: tuple[str, str]
+) -> None:
+    answer = submit(client, headers={"Authorization": f"Key {two_keys[0]}"})
+
+    assert client.get(answer["status_url"]).status_code == 401
+    assert client.get(answer["response_url"]).status_code == 401
+    assert client.put(answer["cancel_url"]).status_code == 401
+    assert client.post(f"/run/{MAX}", json=edit_body()).status_code == 401
+
+
+def test_keys_created_while_serving_turn_authentication_on(
+    app: FastAPI, store: SQLiteJobStore
+) -> None:
+    with TestClient(app, client=LOOPBACK) as client:
+        submit(client)
+        create_api_key(store, "late")
+        assert client.post(f"/{MAX}", json=edit_body()).status_code == 401
