@@ -114,7 +114,9 @@ class WorkerSupervisor:
             delay_s = min(30.0, 0.5 * 2**slot.restarts)
             slot.restarts += 1
             slot.next_start_at = now + delay_s
-            log.warning("worker pid %d exited with %s; restarting in %.1f s", proc.pid, code, delay_s)
+            log.warning(
+                "worker pid %d exited with %s; restarting in %.1f s", proc.pid, code, delay_s
+            )
         if now >= slot.next_start_at and not self._stop.is_set():
             self._spawn(slot)
 

@@ -62,7 +62,9 @@ class FakeEngine:
             Image.new("RGB", (64, 48), (i * 40, 0, 0)).save(buf, format=fmt)
             ctype = "image/png" if fmt == "PNG" else "image/jpeg"
             images.append(EncodedImage(buf.getvalue(), 64, 48, ctype))
-        return EditResult(images, seed=request.seed or 7, timings={"inference": 0.01}, random_weights=True)
+        return EditResult(
+            images, seed=request.seed or 7, timings={"inference": 0.01}, random_weights=True
+        )
 
 
 @pytest.fixture
@@ -77,10 +79,18 @@ def files(tmp_path: Path) -> LocalFileStore:
     return LocalFileStore(tmp_path / "files")
 
 
-def make_runner(store: SQLiteJobStore, files: LocalFileStore, engine: FakeEngine, **limits: float) -> JobRunner:
+def make_runner(
+    store: SQLiteJobStore, files: LocalFileStore, engine: FakeEngine, **limits: float
+) -> JobRunner:
     fetcher = SafeFetcher(allow_hosts=[], allow_ports=[80, 443], timeout_s=5, max_bytes=1 << 20)
     return JobRunner(
-        store, files, engine, fetcher, worker_id="w1", limits=RunnerLimits(**limits), model_name="fake"
+        store,
+        files,
+        engine,
+        fetcher,
+        worker_id="w1",
+        limits=RunnerLimits(**limits),
+        model_name="fake",
     )
 
 

@@ -27,7 +27,9 @@ def worker(
     worker_id: Annotated[str | None, typer.Option(help="Name in leases and logs.")] = None,
 ) -> None:
     """Claim jobs from the store and run them on this machine's GPU (or CPU)."""
-    settings = load_settings(data_dir=data_dir, store=store, files=files, model=model, device=device)
+    settings = load_settings(
+        data_dir=data_dir, store=store, files=files, model=model, device=device
+    )
     configure_logging(settings)
     from kontext_server.worker.main import run_worker
 

@@ -145,12 +145,14 @@ class JobRunner:
             result = self.pipeline.edit(
                 request,
                 on_step=self._progress_reporter(job),
-                should_cancel=lambda: lease.lost.is_set()
-                or self.store.is_cancel_requested(job.id),
+                should_cancel=lambda: lease.lost.is_set() or self.store.is_cancel_requested(job.id),
             )
             return JobStatus.SUCCEEDED, {"result": self._publish(job, request, result)}
         except EditCancelled:
-            return JobStatus.CANCELED, {"error": CANCELLED_MESSAGE, "error_type": "client_cancelled"}
+            return JobStatus.CANCELED, {
+                "error": CANCELLED_MESSAGE,
+                "error_type": "client_cancelled",
+            }
         except InputError as exc:
             self.store.add_event(job.id, str(exc), level="ERROR")
             return JobStatus.FAILED, {"error": str(exc), "error_type": exc.error_type}
@@ -212,7 +214,8 @@ class JobRunner:
         """Store the images (or inline them for sync_mode) and build ``Job.result``."""
         inline = bool(job.input.get("sync_mode"))
         images = [
-            self._publish_image(job, index, image, inline) for index, image in enumerate(result.images)
+            self._publish_image(job, index, image, inline)
+            for index, image in enumerate(result.images)
         ]
         return {
             "images": images,
