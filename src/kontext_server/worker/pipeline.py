@@ -1,0 +1,402 @@
+"""The edit: a prompt plus one or more reference images in, encoded images out (FLUX.1 Kontext).
+
+:class:`KontextPipeline` implements ``editing.EditPipeline`` on top of diffusers'
+``FluxKontextPipeline``. What it adds to diffusers, and why:
+
+* **BFL's output sizes.** diffusers makes 1024x1024 whatever the input; here the output takes
+  the bucket nearest to the first reference's aspect (or ``aspect_ratio`` at ~1 MP), see
+  ``kontext_server.sizing``.
+* **Several references** with ComfyUI's "offset" scheme, by subclassing diffusers' pipeline
+  (:class:`MultiReferenceFluxKontextPipeline`) and overriding only ``prepare_latents``: each
+  reference is VAE-encoded on its own, all reference tokens get time id 1 and positions on one
+  virtual canvas. One reference goes through the same code and equals stock diffusers.
+* **Seeds** portable and independent of ``num_images``: one CPU generator per image (seed,
+  seed+1, ...) and one denoising run per image; prompt and references are encoded once.
+* **Progress and cancellation** after every step; cancelling raises ``EditCancelled`` from the
+  step callback, so nothing is decoded.
+* **Encoding off the critical path**: image *i* is JPEG/PNG-encoded in a thread while image
+  *i+1* denoises.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from PIL import Image
+
+from kontext_server import imaging, sizing
+from kontext_server.config import Settings
+from kontext_server.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.errors import EditCancelled, InputError
+from kontext_server.worker.models import load_kontext_pipeline
+
+__all__ = [
+    "MAX_NUM_IMAGES",
+    "MAX_STEPS",
+    "KontextPipeline",
+    "MultiReferenceFluxKontextPipeline",
+    "PackedReferences",
+]
+
+logger = logging.getLogger(__name__)
+
+# diffusers registers a pipeline's components at run time, so its classes are Any to mypy.
+FluxKontextPipeline: Any = diffusers.FluxKontextPipeline
+
+MAX_NUM_IMAGES = 4
+MAX_STEPS = 100
+MAX_SEED = 2**64 - 1
+_DRAWN_SEED_BOUND = 2**53  # fits a JSON number exactly
+_REAL_WEIGHTS_DEFAULT_STEPS = 28
+_RANDOM_WEIGHTS_DEFAULT_STEPS = 4
+_TEXT_MAX_SEQUENCE_LENGTH = 512  # diffusers' default for Kontext
+
+
+@dataclass(frozen=True)
+class PackedReferences:
+    """VAE latents of every reference, packed into tokens and concatenated, with their ids.
+
+    ``latents``: (1, tokens, channels * 4); ``ids``: (tokens, 3) as (time, y, x).
+    """
+
+    latents: torch.Tensor
+    ids: torch.Tensor
+
+
+class MultiReferenceFluxKontextPipeline(FluxKontextPipeline):
+    """diffusers' FluxKontextPipeline, conditioned on references encoded beforehand.
+
+    Inside ``with pipe.conditioned_on(references):`` call the pipeline with ``image=None``:
+    ``prepare_latents`` then returns the packed references and their ids instead of encoding
+    ``image``. Outside that block it behaves exactly like the stock pipeline.
+    """
+
+    _references: PackedReferences | None = None
+
+    @contextmanager
+    def conditioned_on(self, references: PackedReferences) -> Iterator[None]:
+        self._references = references
+        try:
+            yield
+        finally:
+            self._references = None
+
+    @torch.no_grad()
+    def encode_references(
+        self, images: Sequence[Image.Image], sizes: Sequence[tuple[int, int]]
+    ) -> PackedReferences:
+        """VAE-encode each image at its ``(width, height)`` (multiples of 16) and place it on
+        the virtual canvas: time id 1, position offset by ``sizing.reference_offsets``."""
+        device, dtype = self._execution_device, self.vae.dtype
+        token_sizes = [(width // 16, height // 16) for width, height in sizes]
+        offsets = sizing.reference_offsets(token_sizes)
+        latents, ids = [], []
+        for image, (width, height), (y_offset, x_offset) in zip(
+            images, sizes, offsets, strict=True
+        ):
+            pixels = self.image_processor.preprocess(
+                self.image_processor.resize(image, height, width), height, width
+            )
+            encoded = self._encode_vae_image(pixels.to(device=device, dtype=dtype), generator=None)
+            channels, latent_h, latent_w = encoded.shape[1:]
+            latents.append(self._pack_latents(encoded, 1, channels, latent_h, latent_w))
+            image_ids = self._prepare_latent_image_ids(
+                1, latent_h // 2, latent_w // 2, device, dtype
+            )
+            image_ids[..., 0] = 1
+            image_ids[..., 1] += y_offset
+            image_ids[..., 2] += x_offset
+            ids.append(image_ids)
+        return PackedReferences(latents=torch.cat(latents, dim=1), ids=torch.cat(ids, dim=0))
+
+    def prepare_latents(
+        self,
+        image: torch.Tensor | None,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        references = self._references
+        if references is None:
+            return super().prepare_latents(
+                image,
+                batch_size,
+                num_channels_latents,
+                height,
+                width,
+                dtype,
+                device,
+                generator,
+                latents,
+            )
+        # The noise comes from the same call as in stock diffusers (image=None draws nothing
+        # else from the generator), so one reference reproduces the stock pipeline exactly.
+        noise, _, latent_ids, _ = super().prepare_latents(
+            None, batch_size, num_channels_latents, height, width, dtype, device, generator, latents
+        )
+        image_latents = references.latents.to(device=device, dtype=dtype)
+        image_latents = image_latents.expand(batch_size, -1, -1)
+        return noise, image_latents, latent_ids, references.ids.to(device=device, dtype=dtype)
+
+
+class KontextPipeline:
+    """The engine: ``edit(request)`` -> encoded images, the seed used and timings.
+
+    Build it with :meth:`from_settings` / :meth:`load`, or around an existing diffusers
+    pipeline. ``area_px`` (tests, previews) scales every output and reference size down to
+    that many pixels; ``None`` keeps BFL's ~1 MP buckets. One edit at a time per instance.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        random_weights: bool,
+        default_steps: int | None = None,
+        multi_reference_budget_px: int = 2 * sizing.ONE_MEGAPIXEL,
+        area_px: int | None = None,
+        model_name: str = "",
+    ) -> None:
+        self.pipe = _as_multi_reference(pipe)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.random_weights = random_weights
+        fallback_steps = (
+            _RANDOM_WEIGHTS_DEFAULT_STEPS if random_weights else _REAL_WEIGHTS_DEFAULT_STEPS
+        )
+        self.default_steps = default_steps or fallback_steps
+        self.multi_reference_budget_px = multi_reference_budget_px
+        self.area_px = area_px
+        self.model_name = model_name
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        if random_weights:
+            logger.warning("model %r has RANDOM weights: every output image is noise", model_name)
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        device: str | None = None,
+        config_dir: Path | None = None,
+        allow_download: bool = False,
+        default_steps: int | None = None,
+        multi_reference_budget_px: int = 2 * sizing.ONE_MEGAPIXEL,
+    ) -> KontextPipeline:
+        """Load ``model`` (see ``worker.models``); raises ``ModelLoadError``."""
+        pipe, random_weights = load_kontext_pipeline(
+            model, device=device, config_dir=config_dir, allow_download=allow_download
+        )
+        return cls(
+            pipe,
+            random_weights=random_weights,
+            default_steps=default_steps,
+            multi_reference_budget_px=multi_reference_budget_px,
+            model_name=model,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KontextPipeline:
+        return cls.load(
+            settings.model,
+            device=settings.device,
+            config_dir=settings.model_config_dir,
+            allow_download=settings.allow_download,
+            default_steps=settings.default_steps,
+            multi_reference_budget_px=settings.multi_reference_budget_px,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def close(self) -> None:
+        """Stop the encoding thread (it is also stopped when the process exits)."""
+        self._encoder.shutdown(wait=True)
+
+    def edit(
+        self,
+        request: EditRequest,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> EditResult:
+        """Run one edit (see ``editing.EditPipeline``).
+
+        Raises ``InputError`` for a request the engine cannot run (no images, num_images
+        outside 1-4, steps outside 1-100, bad aspect ratio, seed out of range) and
+        ``EditCancelled`` when ``should_cancel()`` turned true after a step.
+        """
+        started = time.perf_counter()
+        steps = request.num_inference_steps or self.default_steps
+        seed = _validated(request, steps)
+        width, height = sizing.output_size(
+            *request.images[0].size, request.aspect_ratio, area_px=self.area_px
+        )
+        references, prompt = self._prepare(request)
+        prepared = time.perf_counter()
+        progress = _StepReporter(steps * request.num_images, on_step, should_cancel)
+        encodings: list[Future[tuple[EncodedImage, float]]] = []
+        for index in range(request.num_images):
+            image = self._denoise(
+                request, references, prompt, seed + index, width, height, steps, progress
+            )
+            encodings.append(self._encoder.submit(_timed_encode, image, request.output_format))
+        inferred = time.perf_counter()
+        encoded = [future.result() for future in encodings]
+        finished = time.perf_counter()
+        # Seconds under the contract's plain names (the HTTP layer reads "inference" as fal's
+        # timings); the mean step is the one value in milliseconds, and says so.
+        timings = {
+            "prepare": prepared - started,
+            "inference": inferred - prepared,
+            "encode": sum(seconds for _, seconds in encoded),
+            "encode_wait": finished - inferred,
+            "total": finished - started,
+            "step_ms": progress.mean_step_ms(),
+        }
+        return EditResult(
+            images=[image for image, _ in encoded],
+            seed=seed,
+            timings=timings,
+            random_weights=self.random_weights,
+        )
+
+    def reference_sizes(self, images: Sequence[Image.Image]) -> list[tuple[int, int]]:
+        """The ``(width, height)`` each reference is resized to (own bucket, within budget)."""
+        if len(images) == 1:  # BFL's single-reference path: the bucket, no budget
+            return [sizing.output_size(*images[0].size, area_px=self.area_px)]
+        return sizing.reference_sizes(
+            [image.size for image in images],
+            budget_px=self.multi_reference_budget_px,
+            area_px=self.area_px,
+        )
+
+    def _prepare(self, request: EditRequest) -> tuple[PackedReferences, dict[str, torch.Tensor]]:
+        """Encode the references and the prompt once for all images of the request."""
+        references = self.pipe.encode_references(
+            request.images, self.reference_sizes(request.images)
+        )
+        with torch.no_grad():
+            prompt_embeds, pooled_prompt_embeds, _ = self.pipe.encode_prompt(
+                prompt=request.prompt,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=_TEXT_MAX_SEQUENCE_LENGTH,
+            )
+        prompt = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+        return references, prompt
+
+    def _denoise(
+        self,
+        request: EditRequest,
+        references: PackedReferences,
+        prompt: dict[str, torch.Tensor],
+        seed: int,
+        width: int,
+        height: int,
+        steps: int,
+        progress: _StepReporter,
+    ) -> Image.Image:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with self.pipe.conditioned_on(references):
+            output = self.pipe(
+                image=None,
+                height=height,
+                width=width,
+                max_area=width * height,  # else diffusers rescales to 1024x1024
+                num_inference_steps=steps,
+                guidance_scale=request.guidance_scale,
+                generator=generator,
+                callback_on_step_end=progress.callback,
+                callback_on_step_end_tensor_inputs=[],
+                output_type="pil",
+                **prompt,
+            )
+        image: Image.Image = output.images[0]
+        return image
+
+
+class _StepReporter:
+    """The diffusers step callback: reports progress over all images, polls cancellation and
+    keeps step durations."""
+
+    def __init__(
+        self,
+        total_steps: int,
+        on_step: Callable[[int, int], None] | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> None:
+        self.total_steps = total_steps
+        self.on_step = on_step
+        self.should_cancel = should_cancel
+        self.done_steps = 0
+        self.step_durations_s: list[float] = []
+        self._last_step_at: float | None = None
+
+    def callback(
+        self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
+    ) -> dict[str, Any]:
+        now = time.perf_counter()
+        if step > 0 and self._last_step_at is not None:
+            self.step_durations_s.append(now - self._last_step_at)
+        self._last_step_at = now
+        self.done_steps += 1
+        if self.on_step is not None:
+            self.on_step(self.done_steps, self.total_steps)
+        if self.should_cancel is not None and self.should_cancel():
+            # Raising (not pipe._interrupt) is what keeps diffusers from decoding.
+            raise EditCancelled(f"cancelled after step {self.done_steps} of {self.total_steps}")
+        return {}
+
+    def mean_step_ms(self) -> float:
+        if not self.step_durations_s:
+            return 0.0
+        return 1000.0 * sum(self.step_durations_s) / len(self.step_durations_s)
+
+
+def _as_multi_reference(pipe: Any) -> MultiReferenceFluxKontextPipeline:
+    if isinstance(pipe, MultiReferenceFluxKontextPipeline):
+        return pipe
+    return MultiReferenceFluxKontextPipeline(**pipe.components)
+
+
+def _validated(request: EditRequest, steps: int) -> int:
+    """Check what the engine cannot run; return the seed (drawn when not given)."""
+    if not request.images:
+        raise InputError("an edit needs at least one reference image")
+    if not 1 <= request.num_images <= MAX_NUM_IMAGES:
+        raise InputError(f"num_images is {request.num_images}; allowed: 1 to {MAX_NUM_IMAGES}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"num_inference_steps is {steps}; allowed: 1 to {MAX_STEPS}")
+    if request.aspect_ratio is not None:
+        sizing.parse_aspect_ratio(request.aspect_ratio)
+    seed = secrets.randbelow(_DRAWN_SEED_BOUND) if request.seed is None else request.seed
+    if not 0 <= seed <= MAX_SEED - (request.num_images - 1):
+        raise InputError(f"seed is {seed}; allowed: 0 to {MAX_SEED - request.num_images + 1}")
+    return seed
+
+
+def _timed_encode(image: Image.Image, fmt: Any) -> tuple[EncodedImage, float]:
+    started = time.perf_counter()
+    encoded = imaging.encode_image(image, fmt)
+    return encoded, time.perf_counter() - started
