@@ -30,6 +30,9 @@ _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 # A truncated file must fail, never come back half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's bomb warning becomes an error for the whole process, once: a per-call
+# ``warnings.catch_warnings`` is not thread-safe, and workers decode in a thread pool.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -43,11 +46,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)")
     Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = _open_allowed(data, max_pixels=max_pixels)
-        _load_first_frame(image)
-        image = _apply_exif_orientation(image)
+    image = _open_allowed(data, max_pixels=max_pixels)
+    _load_first_frame(image)
+    image = _apply_exif_orientation(image)
     return to_rgb(image)
 
 
