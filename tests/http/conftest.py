@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from http_support import LOOPBACK, LiveServer, PlayedWorker
-from kontext_server.files.local import LocalFileStore
-from kontext_server.webhooks.signing import WebhookSigner
 from starlette.testclient import TestClient
 
 from kontext_server.config import Settings
+from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
 from kontext_server.store.sqlite import SQLiteJobStore
+from kontext_server.webhooks.signing import WebhookSigner
 
 
 @pytest.fixture

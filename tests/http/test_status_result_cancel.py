@@ -182,7 +182,7 @@ def test_sync_mode_results_keep_their_data_uris(client: TestClient, worker: Play
         ("image_load_error", 422),
         ("request_timeout", 504),
         ("internal_error", 500),
-        ("runner_disconnected", 503),
+        ("runner_disconnected", 500),
         ("something_new", 500),
     ],
 )
@@ -199,6 +199,9 @@ def test_result_of_a_failure_answers_the_code_of_its_error_type(
     assert response.json() == {"detail": "it went wrong", "error_type": error_type}
     assert response.headers["x-fal-error-type"] == error_type
     assert response.headers["x-fal-request-id"] == answer["request_id"]
+    # the official clients retry a 504 unless it is marked as the caller's own timeout
+    timeout_type = response.headers.get("x-fal-request-timeout-type")
+    assert timeout_type == ("user" if error_type == "request_timeout" else None)
 
 
 def test_cancel_of_queued_job_is_immediate(client: TestClient) -> None:

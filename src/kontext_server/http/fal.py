@@ -206,6 +206,10 @@ def _final_answer(context: ApiContext, request: Request, job: Job) -> JSONRespon
         output: dict[str, Any] = context.service.render_output(job, site_base(request))
         return JSONResponse(output, headers=headers)
     headers["x-fal-error-type"] = job.error_type or "internal_error"
+    if job.error_type == "request_timeout":
+        # Both official clients treat a 504 as the caller's own start timeout only with this
+        # header; without it they retry (and `run` would submit the edit again).
+        headers["x-fal-request-timeout-type"] = "user"
     return JSONResponse(error_body(job), status_code=error_status_code(job), headers=headers)
 
 

@@ -39,7 +39,8 @@ ERROR_STATUS_CODES = {
     "image_load_error": 422,
     "request_timeout": 504,
     "internal_error": 500,
-    "runner_disconnected": 503,
+    # not 503: clients retry a 503, and a retried `run` would pay for the edit again
+    "runner_disconnected": 500,
     "client_cancelled": CANCELLED_STATUS_CODE,
 }
 
