@@ -2,20 +2,27 @@
 
 Workers are separate programs (``python -m kontext_server worker``), so the API process never
 imports torch and a worker that crashes (or is killed) takes nothing else down: its job's
-lease expires and the job is re-queued, and the supervisor starts a new worker.
+lease expires and the job is re-queued, and the supervisor starts a new worker. A worker that
+ended itself after an execution timeout (``EXIT_EXECUTION_TIMEOUT``) is replaced at once:
+that is the plan, not a crash, so it does not count towards the crash backoff.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
+
+from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
 
 __all__ = ["WorkerSpec", "WorkerSupervisor", "visible_gpus", "worker_specs"]
 
@@ -36,6 +43,26 @@ def visible_gpus(env: Mapping[str, str]) -> list[str]:
         return []
     count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
     return [str(i) for i in range(count)]
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return cast("Callable[..., int]", ctypes.CDLL(None, use_errno=True).prctl)
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM (a graceful drain) when the supervisor dies, even
+    by SIGKILL, so that no worker outlives its ``serve``."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -73,8 +100,10 @@ class WorkerSupervisor:
             self._spawn(slot)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM every worker (each finishes its job in hand), then SIGKILL stragglers."""
+    def stop(self, timeout_s: float = 75.0) -> None:
+        """SIGTERM every worker (each drains: finishes or hands back its job in hand), then
+        SIGKILL stragglers after ``timeout_s``; give it more than the workers'
+        ``drain_timeout_s`` (default 60 s) so that a drain is never cut short."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -92,7 +121,9 @@ class WorkerSupervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         env = {**os.environ, **slot.spec.env}
-        slot.process = subprocess.Popen(list(slot.spec.argv), env=env)
+        slot.process = subprocess.Popen(
+            list(slot.spec.argv), env=env, preexec_fn=_die_with_parent if _PRCTL else None
+        )
         slot.started_at = time.monotonic()
         log.info("started worker pid %d", slot.process.pid)
 
@@ -109,16 +140,25 @@ class WorkerSupervisor:
                 slot.restarts = 0  # healthy for a minute: forget earlier crashes
             return
         if proc is not None:
-            code = proc.returncode
-            slot.process = None
-            delay_s = min(30.0, 0.5 * 2**slot.restarts)
-            slot.restarts += 1
-            slot.next_start_at = now + delay_s
-            log.warning(
-                "worker pid %d exited with %s; restarting in %.1f s", proc.pid, code, delay_s
-            )
+            self._schedule_restart(slot, proc, now)
         if now >= slot.next_start_at and not self._stop.is_set():
             self._spawn(slot)
+
+    @staticmethod
+    def _schedule_restart(slot: _Slot, proc: subprocess.Popen[bytes], now: float) -> None:
+        slot.process = None
+        if proc.returncode == EXIT_EXECUTION_TIMEOUT:
+            slot.next_start_at = now
+            log.warning(
+                "worker pid %d ended itself after an execution timeout; replacing it", proc.pid
+            )
+            return
+        delay_s = min(30.0, 0.5 * 2**slot.restarts)
+        slot.restarts += 1
+        slot.next_start_at = now + delay_s
+        log.warning(
+            "worker pid %d exited with %s; restarting in %.1f s", proc.pid, proc.returncode, delay_s
+        )
 
 
 def worker_specs(count: int, gpus: Sequence[str], base_argv: Sequence[str]) -> list[WorkerSpec]:

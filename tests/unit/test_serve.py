@@ -105,3 +105,33 @@ def test_supervisor_stop_terminates_running_workers() -> None:
     supervisor.stop(timeout_s=5)
     assert time.monotonic() - started < 5
     assert supervisor.pids == []
+
+
+def test_workers_do_not_outlive_a_killed_supervisor() -> None:
+    code = """
+import sys, time
+from kontext_server.supervisor import WorkerSpec, WorkerSupervisor
+sup = WorkerSupervisor([WorkerSpec([sys.executable, "-c", "import time; time.sleep(60)"])])
+sup.start()
+print(sup.pids[0], flush=True)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    worker_pid = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: no chance to stop its workers itself
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(worker_pid):
+        time.sleep(0.05)
+    assert not _alive(worker_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too: it only waits for its (re)parent to reap it
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
