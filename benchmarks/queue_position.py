@@ -1,4 +1,4 @@
-"""Queue-position and claim latency of the SQLite job store with a deep queue.
+"""Queue-position and claim latency of a job store (SQLite or PostgreSQL) with a deep queue.
 
 Fills a temporary store with ``--jobs`` queued jobs (100k by default) through ``submit``,
 then measures ``queue_position`` for a job at the front, in the middle and at the back of
@@ -7,6 +7,12 @@ the line, ``queue_depth``, ``claim`` with the deep queue, and ``claim`` on an em
 < 10 ms at the back of a 100k queue.
 
     .venv/bin/python benchmarks/queue_position.py [--jobs 100000] [--samples 200]
+    .venv/bin/python benchmarks/queue_position.py --store postgres [--dsn URL]
+
+PostgreSQL: without ``--dsn`` a throwaway cluster is started (``initdb`` + ``pg_ctl``, as the
+tests do; durability off). With ``--dsn``, give an empty scratch database: its job tables
+are emptied first. After filling, ``VACUUM (ANALYZE) jobs`` runs, which autovacuum does by
+itself shortly after such a burst of inserts; it lets counts be index-only scans.
 
 ``run()`` is importable for a combined API benchmark.
 """
@@ -23,12 +29,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kontext_server.jobs import NewJob
+from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
 
 __all__ = ["run"]
@@ -59,7 +67,7 @@ def latency_ms(call: Callable[[], object], samples: int) -> dict[str, float]:
     }
 
 
-def fill(store: SQLiteJobStore, jobs: int) -> tuple[list[str], float]:
+def fill(store: JobStore, jobs: int) -> tuple[list[str], float]:
     """Submit ``jobs`` queued jobs; returns their ids (oldest first) and submits per second."""
     ids = []
     started = time.perf_counter()
@@ -71,7 +79,7 @@ def fill(store: SQLiteJobStore, jobs: int) -> tuple[list[str], float]:
     return ids, jobs / (time.perf_counter() - started)
 
 
-def measure_claims(store: SQLiteJobStore, samples: int) -> dict[str, float]:
+def measure_claims(store: JobStore, samples: int) -> dict[str, float]:
     def claim() -> None:
         if store.claim("bench-worker", LEASE_S) is None:
             raise RuntimeError("the queue ran dry during the claim benchmark")
@@ -79,27 +87,120 @@ def measure_claims(store: SQLiteJobStore, samples: int) -> dict[str, float]:
     return latency_ms(claim, samples)
 
 
-def run(jobs: int = 100_000, samples: int = 200, folder: Path | None = None) -> dict[str, Any]:
-    """Run the whole benchmark in a temporary folder (or ``folder``); returns the figures."""
-    with tempfile.TemporaryDirectory(prefix="kontext-bench-", dir=folder) as temporary:
-        store = SQLiteJobStore(Path(temporary) / "jobs.db")
-        idle = SQLiteJobStore(Path(temporary) / "idle.db")
+def _load_pg_cluster_helper() -> Any:
+    """``tests/contract/pg_cluster.py`` (the tests' throwaway-cluster helper), by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tests" / "contract" / "pg_cluster.py"
+    spec = importlib.util.spec_from_file_location("kontext_bench_pg_cluster", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def postgres_database(dsn: str | None) -> Iterator[str]:
+    """``dsn`` emptied, or a fresh database in a throwaway cluster stopped afterwards."""
+    from kontext_server.store.postgres import PostgresJobStore
+
+    if dsn is not None:
+        import psycopg
+
+        PostgresJobStore(dsn).close()  # creates the tables if needed
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE jobs, job_events, webhook_outbox")
+        yield dsn
+        return
+    helper = _load_pg_cluster_helper()
+    bin_dir = helper.find_pg_bin_dir()
+    if bin_dir is None:
+        raise SystemExit("no initdb found (PATH or /usr/lib/postgresql/*/bin): pass --dsn")
+    cluster = helper.PgCluster(bin_dir)
+    try:
+        cluster.start()
+        yield cluster.create_database("kontext_bench")
+    finally:
+        cluster.destroy()
+
+
+def _vacuum(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) jobs")
+
+
+@contextmanager
+def open_bench_store(
+    kind: str, folder: Path | None, dsn: str | None
+) -> Iterator[tuple[JobStore, Callable[[], None]]]:
+    """(an empty store, what to run once it is full) for ``kind`` ``sqlite`` or ``postgres``."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="kontext-bench-", dir=folder) as temporary:
+            sqlite_store = SQLiteJobStore(Path(temporary) / "jobs.db")
+            try:
+                yield sqlite_store, lambda: None
+            finally:
+                sqlite_store.close()
+        return
+    if kind != "postgres":
+        raise ValueError(f"unknown store {kind!r}: sqlite or postgres")
+    from kontext_server.store.postgres import PostgresJobStore
+
+    with postgres_database(dsn) as url:
+        pg_store = PostgresJobStore(url)
         try:
-            ids, submits_per_s = fill(store, jobs)
-            where = {"front": ids[0], "middle": ids[len(ids) // 2], "back": ids[-1]}
-            positions = {
-                name: latency_ms(partial(store.queue_position, job_id), samples)
-                for name, job_id in where.items()
-            }
-            depth = latency_ms(store.queue_depth, samples)
-            claim = measure_claims(store, min(samples, jobs - 1))
-            claim_idle = latency_ms(lambda: idle.claim("bench-worker", LEASE_S), samples)
+            yield pg_store, partial(_vacuum, url)
         finally:
-            store.close()
-            idle.close()
+            pg_store.close()
+
+
+def _environment(kind: str, store: JobStore) -> dict[str, Any]:
+    environment: dict[str, Any] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    if kind == "sqlite":
+        environment["sqlite"] = sqlite3.sqlite_version
+    else:
+        from kontext_server.store.postgres import PostgresJobStore
+
+        if isinstance(store, PostgresJobStore):
+            environment["postgresql"] = store.server_version()
+    return environment
+
+
+def run(
+    jobs: int = 100_000,
+    samples: int = 200,
+    folder: Path | None = None,
+    *,
+    store_kind: str = "sqlite",
+    dsn: str | None = None,
+) -> dict[str, Any]:
+    """Run the whole benchmark in a temporary folder (or ``folder``) or PostgreSQL database;
+    returns the figures."""
+    with open_bench_store(store_kind, folder, dsn) as (store, settle):
+        claim_idle = latency_ms(lambda: store.claim("bench-worker", LEASE_S), samples)
+        ids, submits_per_s = fill(store, jobs)
+        settle()
+        where = {"front": ids[0], "middle": ids[len(ids) // 2], "back": ids[-1]}
+        positions = {
+            name: latency_ms(partial(store.queue_position, job_id), samples)
+            for name, job_id in where.items()
+        }
+        depth = latency_ms(store.queue_depth, samples)
+        claim = measure_claims(store, min(samples, jobs - 1))
+        environment = _environment(store_kind, store)
     worst_ms = max(p["p99_ms"] for p in positions.values())
     return {
         "benchmark": "queue_position",
+        "store": store_kind,
         "queued_jobs": jobs,
         "samples": samples,
         "submit_per_s": round(submits_per_s, 1),
@@ -109,12 +210,7 @@ def run(jobs: int = 100_000, samples: int = 200, folder: Path | None = None) -> 
         "claim_idle": claim_idle,
         "target_queue_position_p99_ms": TARGET_QUEUE_POSITION_MS,
         "meets_target": worst_ms < TARGET_QUEUE_POSITION_MS,
-        "environment": {
-            "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version,
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-        },
+        "environment": environment,
     }
 
 
@@ -123,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=100_000, help="queued jobs (default 100000)")
     parser.add_argument("--samples", type=int, default=200, help="calls per figure (default 200)")
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary DB goes")
+    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument(
+        "--dsn", default=None, help="postgres: an empty scratch database (default: throwaway)"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 2 or args.samples < 2:
         parser.error("--jobs and --samples must be at least 2")
-    figures = run(args.jobs, args.samples, args.dir)
+    figures = run(args.jobs, args.samples, args.dir, store_kind=args.store, dsn=args.dsn)
     print(json.dumps(figures, indent=2))
     return 0 if figures["meets_target"] else 1
 

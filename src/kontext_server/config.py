@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -25,6 +25,21 @@ class Settings(BaseSettings):
     store: str | None = None  # sqlite:///path.db ; default: sqlite:///<data_dir>/jobs.db
     files: str | None = None  # file:///dir ; default: file://<data_dir>/files
 
+    # --- PostgreSQL (store=postgresql://...) ------------------------------------------------
+    pg_pool_max: int = 10  # connections per process
+
+    # --- S3-compatible object store (files=s3://bucket/prefix) --------------------------------
+    s3_endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None  # None: boto3's own credential chain
+    s3_secret_access_key: SecretStr | None = None
+    s3_path_style: bool = False  # path-style addressing (MinIO, moto, most self-hosted)
+    s3_presign_expiry_s: int = 7 * 24 * 3600  # links in results; SigV4 allows at most 7 days
+
+    # --- retention ------------------------------------------------------------------------
+    result_retention_s: float = 30 * 24 * 3600  # fal keeps payloads 30 days
+    cleanup_interval_s: float = 60.0
+
     # --- the model -------------------------------------------------------------------------
     model: str = "tiny"  # tiny | dummy-full | HF id | diffusers folder | .safetensors | .gguf
     model_config_dir: Path | None = None  # diffusers config folder for single-file / GGUF
@@ -36,6 +51,7 @@ class Settings(BaseSettings):
     # --- HTTP ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
+    root_path: str = ""  # prefix a reverse proxy serves us under (e.g. "/kontext")
     insecure_no_auth: bool = False
     workers: int | None = None  # None: one per GPU, one on a CPU-only machine
 
@@ -44,6 +60,10 @@ class Settings(BaseSettings):
     heartbeat_s: float = 5.0
     max_attempts: int = 3
     claim_poll_s: float = 0.02
+    max_queued_per_key: int = 1000  # 429 + Retry-After past this
+    max_queue_size: int = 100_000  # all keys together
+    job_timeout_s: float = 900.0  # a run longer than this fails and its worker is replaced
+    drain_timeout_s: float = 60.0  # SIGTERM: finish the job in hand within this, else hand back
 
     # --- inputs ----------------------------------------------------------------------------
     max_image_bytes: int = 32 * 1024 * 1024
@@ -55,11 +75,21 @@ class Settings(BaseSettings):
         default_factory=lambda: [80, 443, 8080, 8443]
     )
 
+    # --- uploads (fal storage endpoints, PROTOCOL.md §10) -----------------------------------
+    max_upload_bytes: int = 32 * 1024 * 1024  # one file; 413 past this
+    upload_retention_s: float = 7 * 24 * 3600  # deleted within an hour after this
+    # signs upload tokens and upload URLs; None: a random key in data_dir (created on first
+    # use). Give every API node the same value when several machines serve one queue.
+    upload_secret: SecretStr | None = None
+
     # --- webhooks --------------------------------------------------------------------------
     webhook_max_attempts: int = 10
     webhook_timeout_s: float = 15.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with request_id
+    metrics_port: int | None = None  # `worker` only: serve its own /metrics on this port
+    metrics_host: str = "127.0.0.1"  # ... bound to this address
 
     @field_validator("fetch_allow_hosts", "fetch_allow_ports", mode="before")
     @classmethod

@@ -45,6 +45,8 @@ class EditResult:
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds: inference, encode, ...
     random_weights: bool = False  # True for tiny / dummy-full: outputs are noise
+    steps: int = 0  # denoising steps run (all images together)
+    gpu_memory_bytes: dict[str, int] = field(default_factory=dict)  # allocated / peak (CUDA)
 
 
 class EditPipeline(Protocol):

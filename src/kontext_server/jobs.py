@@ -19,6 +19,8 @@ __all__ = [
     "JobStatus",
     "NewJob",
     "Progress",
+    "PurgedJob",
+    "QueueDepth",
     "WebhookDelivery",
 ]
 
@@ -58,6 +60,7 @@ class NewJob:
     webhook_url: str | None = None
     base_url: str | None = None  # where the client reached us; used to render webhook URLs
     idempotency_key: str | None = None
+    retention_s: float | None = None  # kept this long after finishing; None: the store default
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,24 @@ class CancelOutcome(enum.StrEnum):
     ALREADY_FINISHED = "already_finished"
     CANCELED = "canceled"  # was queued: finished at once
     REQUESTED = "requested"  # running: the worker stops within one step
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """Queued and running jobs of one endpoint and priority (for metrics)."""
+
+    endpoint: str
+    priority: int
+    queued: int
+    running: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurgedJob:
+    """A finished job removed by retention; its files are the caller's to delete."""
+
+    id: str
+    file_keys: list[str]
 
 
 @dataclass(frozen=True, slots=True)

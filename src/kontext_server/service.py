@@ -4,6 +4,10 @@ The HTTP layer (``http/``) translates fal's protocol to these verbs; nothing her
 HTTP status codes or fal's status names. Webhook bodies (PROTOCOL.md §9) are built here
 because the ``WebhookDispatcher`` asks for them (``webhook_payload``).
 
+Submit enforces two bounds before it inserts: ``max_queued_per_key`` queued jobs per API key
+and ``max_queue_size`` queued jobs in all; past either it raises ``QueueFullError`` (answered
+429 with ``Retry-After``).
+
 ``MaintenanceLoop`` runs in the API process: it re-queues jobs whose worker lost its lease and
 fails queued jobs past their start deadline, about once a second. Every API process may run
 one; the store's maintenance calls are idempotent.
@@ -26,8 +30,10 @@ from kontext_server.jobs import PRIORITY_NORMAL, CancelOutcome, Job, JobEvent, J
 from kontext_server.store.base import JobStore
 
 __all__ = [
+    "RETRY_AFTER_S",
     "IdempotencyConflictError",
     "MaintenanceLoop",
+    "QueueFullError",
     "QueueService",
     "SubmitOutcome",
 ]
@@ -36,9 +42,24 @@ log = logging.getLogger(__name__)
 
 _EVENTS_PAGE = 1000
 
+# Retry-After for a full queue, a constant on purpose: the API process does not know how many
+# workers drain the queue or how fast (they may be anywhere), so any "estimate" would be a
+# guess. 10 s is about one 1 MP edit on an H100, so a slot has likely freed by then, and it is
+# short enough that a polite client does not sit idle long after one has.
+RETRY_AFTER_S = 10
+
 
 class IdempotencyConflictError(KontextError):
     """An ``Idempotency-Key`` was reused with a different endpoint or input."""
+
+
+class QueueFullError(KontextError):
+    """Submit refused: too many queued requests for this API key, or in the whole queue. The
+    message says which limit; ``retry_after_s`` is when trying again makes sense."""
+
+    def __init__(self, message: str, *, retry_after_s: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +105,21 @@ class QueueService:
         base_url: str | None = None,
         idempotency_key: str | None = None,
         retry: bool = True,
+        retention_s: float | None = None,
     ) -> SubmitOutcome:
         """Queue one job. ``input`` must already be validated. ``start_timeout_s`` is a
         deadline to *start* (the job fails with ``request_timeout`` if no worker took it by
         then). ``retry=False`` runs it at most once (no re-queue after a lost worker).
+        ``retention_s`` keeps the finished job (and its files) that long instead of the
+        store's default.
 
-        Raises ``IdempotencyConflictError`` when ``idempotency_key`` was used by this owner for
-        a different request."""
+        Raises ``QueueFullError`` when this owner, or the whole queue, is at its limit of
+        queued jobs, and ``IdempotencyConflictError`` when ``idempotency_key`` was used by this
+        owner for a different request."""
+        # Limits come first, so a retried submit with an Idempotency-Key is also answered 429
+        # while its owner is at the limit (the store has no lookup by key without inserting);
+        # the retry after Retry-After then finds the original request.
+        self._check_queue_limits(owner)
         new_job = NewJob(
             id=str(uuid.uuid4()),
             endpoint=endpoint,
@@ -102,6 +131,7 @@ class QueueService:
             webhook_url=webhook_url,
             base_url=base_url,
             idempotency_key=idempotency_key,
+            retention_s=retention_s,
         )
         job, created = self.store.submit(new_job)
         if not created and (job.endpoint != endpoint or job.input != input):
@@ -110,6 +140,29 @@ class QueueService:
                 f"({job.id}); use a new key for a new request"
             )
         return SubmitOutcome(job, self.store.queue_position(job.id) or 0, created)
+
+    def _check_queue_limits(self, owner: str | None) -> None:
+        # Check, then insert: not atomic. Submits running at the same moment (threads of this
+        # process, other API processes) may all pass the check, so a limit can be overshot by
+        # at most the number of submits in flight. The limits protect the queue from floods;
+        # they do not meter usage, so a few extra jobs are harmless, while an atomic check
+        # would need a per-owner lock around a conditional insert in every backend, on the hot
+        # path of every submit.
+        per_key_limit = self.settings.max_queued_per_key
+        queued_for_key = self.store.count_queued(owner)
+        if queued_for_key >= per_key_limit:
+            whose = "this API key" if owner is not None else "anonymous callers (no API key)"
+            raise QueueFullError(
+                f"There are {queued_for_key} queued requests for {whose} (limit "
+                f"{per_key_limit}); retry after {RETRY_AFTER_S} s, once some have started"
+            )
+        total_limit = self.settings.max_queue_size
+        queued_in_all = self.store.queue_depth()
+        if queued_in_all >= total_limit:
+            raise QueueFullError(
+                f"The queue is full: {queued_in_all} queued requests in all (limit "
+                f"{total_limit}); retry after {RETRY_AFTER_S} s"
+            )
 
     def get(self, job_id: str, owner: str | None = None) -> Job | None:
         """The job, or ``None`` when it does not exist or belongs to another API key."""

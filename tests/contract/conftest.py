@@ -1,8 +1,16 @@
 """The job-store conformance suite: every test runs against every backend.
 
-To add a backend (PostgreSQL later), add one entry to ``BACKENDS``: a function that gives a
-fresh, empty store's URL inside a temporary folder, and one that opens a store at a URL
-with a given clock. Nothing else changes; the tests only see the ``JobStore`` protocol.
+To add a backend, add one entry to ``BACKENDS``: a function that, given the pytest request
+(to reach session fixtures such as ``pg_cluster``), returns a ``Backend``: a function that
+gives a fresh, empty store's URL (it may use the temporary folder it is given), and one that
+opens a store at a URL with a given clock. Nothing else changes; the tests only see the
+``JobStore`` protocol.
+
+PostgreSQL: one database per session (``kontext_contract`` in the session's throwaway
+cluster); a fresh URL empties its tables (``DELETE``, ~5 ms with the connection) rather
+than creating a database per test (~110 ms with migrations; ``TRUNCATE`` takes ~40 ms): the
+state-machine test wants a fresh store for each of its 100 examples. The postgres
+parameters are skipped only when no ``initdb`` exists.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from contract.pg_cluster import PgCluster
 from kontext_server.jobs import NewJob
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
@@ -46,18 +55,56 @@ def _open_sqlite(url: str, clock: Callable[[], float]) -> JobStore:
     return SQLiteJobStore(url.removeprefix("sqlite:///"), clock=clock)
 
 
-BACKENDS: dict[str, Backend] = {
-    "sqlite": Backend(
+def _sqlite_backend(request: pytest.FixtureRequest) -> Backend:
+    return Backend(
         name="sqlite",
         fresh_url=lambda folder: f"sqlite:///{folder / 'jobs.db'}",
         open=_open_sqlite,
-    ),
+    )
+
+
+def _open_postgres(url: str, clock: Callable[[], float]) -> JobStore:
+    from kontext_server.store.postgres import PostgresJobStore
+
+    return PostgresJobStore(url, clock=clock, pool_max=12)
+
+
+def _postgres_backend(request: pytest.FixtureRequest) -> Backend:
+    url: str = request.getfixturevalue("pg_contract_database")
+
+    def fresh_url(folder: Path) -> str:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            # DELETE, not TRUNCATE: on a few rows it takes 1 ms instead of 40 ms.
+            conn.execute(
+                "DELETE FROM webhook_outbox; DELETE FROM job_events; DELETE FROM api_keys;"
+                " DELETE FROM jobs"
+            )
+        return url
+
+    return Backend(name="postgres", fresh_url=fresh_url, open=_open_postgres)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": _sqlite_backend,
+    "postgres": _postgres_backend,
 }
+
+
+@pytest.fixture(scope="session")
+def pg_contract_database(pg_cluster: PgCluster) -> str:
+    """The session's conformance database, migrated (so that fresh URLs only truncate)."""
+    from kontext_server.store.postgres import PostgresJobStore
+
+    url = pg_cluster.create_database("kontext_contract")
+    PostgresJobStore(url).close()
+    return url
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> Backend:
-    return BACKENDS[request.param]
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ worker-side calls."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from http_support import LOOPBACK, LiveServer, PlayedWorker
+from http_support import LOOPBACK, AppFactory, LiveServer, PlayedWorker
 from starlette.testclient import TestClient
 
 from kontext_server.config import Settings
@@ -46,9 +46,6 @@ def signer(tmp_path: Path) -> WebhookSigner:
 @pytest.fixture
 def worker(store: SQLiteJobStore, files: LocalFileStore) -> PlayedWorker:
     return PlayedWorker(store, files)
-
-
-AppFactory = Callable[..., FastAPI]
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -16,6 +17,9 @@ from kontext_server.files.base import StoredFile, new_file_key
 from kontext_server.files.local import LocalFileStore
 from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.store.sqlite import SQLiteJobStore
+
+# what the ``make_app`` fixture returns: create_app with the test's store, files and signer
+AppFactory = Callable[..., FastAPI]
 
 MAX = "fal-ai/flux-pro/kontext/max"
 MULTI = "fal-ai/flux-pro/kontext/max/multi"

@@ -12,7 +12,7 @@ from kontext_server.cli._app import app
 
 __all__ = ["app", "main"]
 
-_COMMAND_MODULES = ("edit", "bench", "serve", "worker", "keys")
+_COMMAND_MODULES = ("edit", "bench", "bench_api", "serve", "worker", "keys", "client")
 for _name in _COMMAND_MODULES:
     try:
         importlib.import_module(f"kontext_server.cli.{_name}")

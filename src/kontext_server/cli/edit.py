@@ -11,6 +11,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kontext_server.cli._app import app
+from kontext_server.cli.client import (
+    DEFAULT_ENDPOINT,
+    EndpointOpt,
+    JsonOpt,
+    KeyOpt,
+    ServerOpt,
+    SpecFields,
+    edit_remotely,
+)
 from kontext_server.cli.common import ModelOpt, configure_logging, load_settings
 from kontext_server.editing import EditRequest, EditResult
 from kontext_server.errors import InputError, KontextError
@@ -54,8 +63,24 @@ def edit(
     config_dir: Annotated[
         Path | None, typer.Option(help="Diffusers folder for a .safetensors/.gguf model.")
     ] = None,
+    server: ServerOpt = None,
+    key: KeyOpt = None,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    safety_tolerance: Annotated[str | None, typer.Option(help="With --server: 1 to 6")] = None,
+    enhance_prompt: Annotated[bool | None, typer.Option(help="With --server.")] = None,
+    json_output: JsonOpt = False,
 ) -> None:
-    """Edit IMAGE(s) with PROMPT; write the images to OUT and print a JSON summary."""
+    """Edit IMAGE(s) with PROMPT; write the images to OUT and print a JSON summary.
+
+    With --server the edit runs on that server instead: local files are uploaded, the
+    progress is shown, and the summary is printed with --json."""
+    if server is not None:
+        fields = SpecFields(
+            prompt, image, seed, guidance_scale, num_images, aspect_ratio,
+            output_format.value, safety_tolerance, enhance_prompt, None, steps,
+        )  # fmt: skip
+        edit_remotely(server, key, endpoint, fields, out, as_json=json_output)
+        return
     settings = load_settings(model=model, device=device, model_config_dir=config_dir)
     configure_logging(settings)
     try:

@@ -51,8 +51,12 @@ def worker_argv(settings: Settings) -> list[str]:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind [default: 8000].")] = None,
+    root_path: Annotated[
+        str | None,
+        typer.Option(help="Path prefix a reverse proxy serves this under, e.g. /kontext."),
+    ] = None,
     model: ModelOpt = None,
     workers: Annotated[
         int | None, typer.Option(help="Worker processes (default: one per GPU, 1 on CPU).")
@@ -76,6 +80,7 @@ def serve(
     settings = load_settings(
         host=host,
         port=port,
+        root_path=root_path,
         model=model,
         workers=workers,
         store=store,
@@ -95,6 +100,12 @@ def run_server(
 ) -> None:
     import uvicorn
 
+    from kontext_server.metrics import prepare_multiprocess_dir
+
+    # before anything imports prometheus_client: this process and its workers share samples
+    metrics_dir = settings.data_dir / "metrics"
+    prepare_multiprocess_dir(metrics_dir)
+
     from kontext_server.files import open_file_store
     from kontext_server.http.app import create_app
     from kontext_server.store import open_store
@@ -112,13 +123,29 @@ def run_server(
                 param_hint="--host",
             )
         log.warning("serving on %s with authentication OFF (--insecure-no-auth)", settings.host)
-    files = open_file_store(settings.files_url())
+    files = open_file_store(settings.files_url(), settings)
     signer = WebhookSigner.load_or_create(settings.data_dir / "webhook-ed25519.pem")
-    api = create_app(settings, store, files, signer=signer)
-
     gpus = visible_gpus(os.environ)
     count = settings.workers if settings.workers is not None else max(1, len(gpus))
     supervisor = WorkerSupervisor(worker_specs(count, gpus, worker_argv(settings)))
+
+    def stop_workers() -> None:
+        supervisor.stop(timeout_s=settings.drain_timeout_s + 5)
+
+    def a_worker_is_alive() -> str | None:
+        if count and not supervisor.pids:
+            return f"none of the {count} worker process(es) is running"
+        return None
+
+    api = create_app(
+        settings,
+        store,
+        files,
+        signer=signer,
+        metrics_dir=metrics_dir,
+        readiness_checks=[a_worker_is_alive],
+        shutdown_hooks=[stop_workers],
+    )
     supervisor.start()
     scheme = "https" if ssl_certfile else "http"
     log.info("serving on %s://%s:%d with %d worker(s)", scheme, settings.host, settings.port, count)
@@ -128,10 +155,13 @@ def run_server(
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level.lower(),
+            log_config=None,  # keep our handlers (text or JSON, with request ids)
+            access_log=False,  # the access log middleware writes one line per request
             timeout_graceful_shutdown=5,
             ssl_certfile=ssl_certfile,
             ssl_keyfile=ssl_keyfile,
+            root_path=settings.root_path,
         )
     finally:
-        supervisor.stop()
+        stop_workers()  # idempotent: also reached when uvicorn returns normally (Ctrl-C)
         store.close()

@@ -2,8 +2,9 @@
 
 Routes (PROTOCOL.md §1): the queue API at ``/`` and ``/queue/``, sync runs at ``/run/``,
 output files at ``/files/``, webhook keys at ``/.well-known/jwks.json``. While the app runs,
-two daemon threads work beside it: the queue maintenance loop (lost workers, start deadlines)
-and the webhook dispatcher (the durable outbox). The API process never imports torch.
+daemon threads work beside it: the queue maintenance loop (lost workers, start deadlines),
+the retention cleanup (expired results and their files) and the webhook dispatcher (the
+durable outbox). The API process never imports torch.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,7 +30,12 @@ from kontext_server.http.context import ApiContext
 from kontext_server.http.errors import install_exception_handlers
 from kontext_server.http.fal import QUEUE_PREFIXES, queue_router, run_router
 from kontext_server.http.files import files_router
+from kontext_server.http.ops import AccessLogMiddleware, ReadinessCheck, ops_router
+from kontext_server.http.playground import playground_router
+from kontext_server.http.proxy import proxy_router
+from kontext_server.http.storage import storage_router
 from kontext_server.http.wellknown import wellknown_router
+from kontext_server.retention import CleanupLoop
 from kontext_server.service import MaintenanceLoop, QueueService
 from kontext_server.store.base import JobStore
 from kontext_server.webhooks.delivery import WebhookDispatcher
@@ -72,13 +79,21 @@ def create_app(
     maintenance_interval_s: float = 1.0,
     stream_keepalive_s: float = 15.0,
     poll_interval_s: float = 0.1,
+    metrics_dir: Path | None = None,
+    readiness_checks: Sequence[ReadinessCheck] = (),
+    shutdown_hooks: Sequence[Callable[[], None]] = (),
 ) -> FastAPI:
     """The API over ``store`` and ``files``; the caller owns (and closes) both.
 
     ``signer`` defaults to the key in ``settings.data_dir`` (created on first use);
     ``fetcher`` (webhook delivery) to a ``SafeFetcher`` with the settings' allow-list.
-    ``run_background=False`` starts neither the maintenance loop nor the webhook dispatcher
-    (tests that drive them by hand)."""
+    ``run_background=False`` starts none of the maintenance loop, the retention cleanup and
+    the webhook dispatcher (tests that drive them by hand). ``metrics_dir`` is the
+    prometheus_client multiprocess folder shared with this node's workers (None: this
+    process's own metrics);
+    ``readiness_checks`` are extra conditions for ``/readyz`` (e.g. a worker is alive);
+    ``shutdown_hooks`` run when the app stops (``serve`` stops its workers there, because
+    uvicorn re-raises SIGTERM once the app has stopped)."""
     signer = signer or WebhookSigner.load_or_create(settings.data_dir / WEBHOOK_KEY_FILE)
     service = QueueService(store, files, settings, clock=clock)
     context = ApiContext(
@@ -93,6 +108,7 @@ def create_app(
     )
     background = _Background(
         MaintenanceLoop(store, interval_s=maintenance_interval_s),
+        CleanupLoop(store, files, interval_s=settings.cleanup_interval_s),
         WebhookDispatcher(
             store,
             signer,
@@ -103,6 +119,7 @@ def create_app(
             clock=clock,
         ),
         enabled=run_background,
+        shutdown_hooks=shutdown_hooks,
     )
     app = FastAPI(
         title="kontext-server",
@@ -112,6 +129,8 @@ def create_app(
     )
     app.state.context = context
     app.state.signer = signer
+    # before the queue routes: those end in a catch-all path
+    app.include_router(ops_router(store, multiprocess_dir=metrics_dir, checks=[*readiness_checks]))
     _install_routes(app)
     install_exception_handlers(app)
     app.add_middleware(
@@ -119,8 +138,9 @@ def create_app(
         allow_origins=["*"],
         allow_methods=["GET", "HEAD", "POST", "PUT", "OPTIONS"],
         allow_headers=CORS_ALLOWED_HEADERS,
-        expose_headers=["x-fal-request-id", "x-fal-error-type"],
+        expose_headers=["x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type"],
     )
+    app.add_middleware(AccessLogMiddleware)
     return app
 
 
@@ -128,6 +148,9 @@ def _install_routes(app: FastAPI) -> None:
     # Order matters: the bare queue routes end in a catch-all ``/{endpoint:path}``.
     app.include_router(files_router())
     app.include_router(wellknown_router())
+    app.include_router(playground_router())
+    app.include_router(storage_router(app.state.context))
+    app.include_router(proxy_router())
     app.include_router(run_router())
     for prefix in QUEUE_PREFIXES:
         app.include_router(queue_router(prefix))
@@ -150,12 +173,21 @@ def _webhook_fetcher(settings: Settings) -> SafeFetcher:
 
 
 class _Background:
-    """The maintenance loop and the webhook dispatcher, started and stopped with the app."""
+    """The maintenance loop, the retention cleanup and the webhook dispatcher, started and
+    stopped with the app."""
 
     def __init__(
-        self, maintenance: MaintenanceLoop, dispatcher: WebhookDispatcher, *, enabled: bool
+        self,
+        maintenance: MaintenanceLoop,
+        cleanup: CleanupLoop,
+        dispatcher: WebhookDispatcher,
+        *,
+        enabled: bool,
+        shutdown_hooks: Sequence[Callable[[], None]] = (),
     ) -> None:
+        self._shutdown_hooks = list(shutdown_hooks)
         self._maintenance = maintenance
+        self._cleanup = cleanup
         self._dispatcher = dispatcher
         self._enabled = enabled
         self._stop = threading.Event()
@@ -168,12 +200,15 @@ class _Background:
             yield
         finally:
             self.stop()
+            for hook in self._shutdown_hooks:
+                hook()
 
     def start(self) -> None:
         if not self._enabled:
             return
         self._stop.clear()
         self._maintenance.start()
+        self._cleanup.start()
         self._dispatcher_thread = threading.Thread(
             target=self._dispatcher.run_forever, args=(self._stop,), name="webhooks", daemon=True
         )
@@ -182,6 +217,7 @@ class _Background:
     def stop(self) -> None:
         self._stop.set()
         self._maintenance.stop()
+        self._cleanup.stop()
         if self._dispatcher_thread is not None:
             self._dispatcher_thread.join(10.0)
             self._dispatcher_thread = None

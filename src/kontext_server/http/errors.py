@@ -1,4 +1,5 @@
-"""Exceptions answered as HTTP: authentication (401/403) and idempotency conflicts (409).
+"""Exceptions answered as HTTP: authentication (401/403), idempotency conflicts (409) and a
+full queue (429 with ``Retry-After`` in seconds).
 
 Validation errors keep FastAPI's own 422 answer (a ``detail`` list); the messages come from
 ``schemas.py`` and ``submission.py``.
@@ -10,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from kontext_server.auth import AuthError
-from kontext_server.service import IdempotencyConflictError
+from kontext_server.service import IdempotencyConflictError, QueueFullError
 
 __all__ = ["install_exception_handlers"]
 
@@ -18,6 +19,7 @@ __all__ = ["install_exception_handlers"]
 def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(QueueFullError, _queue_full)  # type: ignore[arg-type]
 
 
 async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
@@ -27,3 +29,8 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
 
 async def _idempotency_conflict(request: Request, exc: IdempotencyConflictError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
+async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+    headers = {"retry-after": str(exc.retry_after_s)}
+    return JSONResponse({"detail": str(exc)}, status_code=429, headers=headers)

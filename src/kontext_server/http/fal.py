@@ -189,6 +189,7 @@ async def _submit(
         base_url=site_base(request),
         idempotency_key=options.idempotency_key,
         retry=options.retry,
+        retention_s=options.retention_s,
     )
     return await run_in_threadpool(submit)
 

@@ -7,6 +7,7 @@ say what is allowed; nothing here touches the network.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ __all__ = [
     "webhook_url",
 ]
 
+log = logging.getLogger(__name__)
+
 _PRIORITIES = {"normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _MAX_IDEMPOTENCY_KEY_CHARS = 255
@@ -41,6 +44,7 @@ class SubmitOptions:
     start_timeout_s: float | None = None
     retry: bool = True
     idempotency_key: str | None = None
+    retention_s: float | None = None  # X-Fal-Object-Lifecycle-Preference; None: the default
 
 
 def input_model(endpoint: str) -> type[FalInput]:
@@ -102,8 +106,8 @@ def _parse_json(body: bytes) -> Any:
 
 
 def submit_options(request: Request) -> SubmitOptions:
-    """Priority, start deadline, retry and idempotency key from the request's headers.
-    ``X-Fal-Runner-Hint`` and ``X-Fal-Object-Lifecycle-Preference`` are accepted and unused."""
+    """Priority, start deadline, retry, idempotency key and retention from the request's
+    headers. ``X-Fal-Runner-Hint`` is accepted and unused."""
     headers = request.headers
     return SubmitOptions(
         priority=_priority(headers.get("x-fal-queue-priority")),
@@ -112,6 +116,7 @@ def submit_options(request: Request) -> SubmitOptions:
         ),
         retry=(headers.get("x-fal-no-retry") or "").strip().lower() not in _TRUTHY,
         idempotency_key=_idempotency_key(headers.get("idempotency-key")),
+        retention_s=_retention_s(headers.get("x-fal-object-lifecycle-preference")),
     )
 
 
@@ -154,6 +159,37 @@ def _idempotency_key(value: str | None) -> str | None:
             f"Idempotency-Key must be at most {_MAX_IDEMPOTENCY_KEY_CHARS} characters",
         )
     return value.strip()
+
+
+def _retention_s(value: str | None) -> float | None:
+    """``{"expiration_duration_seconds": N}`` -> N. fal's rule for its hint headers is "honour
+    where meaningful, never reject": anything else is logged and ignored (store default)."""
+    if value is None or not value.strip():
+        return None
+    seconds = _expiration_duration_s(value)
+    if seconds is None:
+        log.warning(
+            "ignoring X-Fal-Object-Lifecycle-Preference %r: expected "
+            '{"expiration_duration_seconds": <seconds greater than 0>}; the default retention '
+            "applies",
+            value[:200],
+        )
+    return seconds
+
+
+def _expiration_duration_s(value: str) -> float | None:
+    try:
+        preference = json.loads(value)
+    except json.JSONDecodeError:
+        return None
+    raw = preference.get("expiration_duration_seconds") if isinstance(preference, dict) else None
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        return None
+    try:
+        seconds = float(raw)
+    except (ValueError, OverflowError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def webhook_url(request: Request) -> str | None:

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 from kontext_server.errors import ConfigError
 from kontext_server.store.base import JobStore
+from kontext_server.store.common import DEFAULT_RETENTION_S
 
 __all__ = ["JobStore", "open_store"]
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-def open_store(url: str) -> JobStore:
-    """``sqlite:///abs/path.db`` (or ``sqlite:///:memory:`` for tests)."""
+
+def open_store(url: str, *, default_retention_s: float = DEFAULT_RETENTION_S) -> JobStore:
+    """``sqlite:///abs/path.db`` (or ``sqlite:///:memory:`` for tests), or a PostgreSQL URL
+    ``postgresql://user:password@host:5432/dbname`` (``postgres://`` too; libpq query
+    parameters such as ``?host=/run/postgresql`` or ``sslmode=require`` pass through).
+    ``default_retention_s``: how long finished jobs are kept unless a job says otherwise."""
     if url.startswith("sqlite:///"):
         from kontext_server.store.sqlite import SQLiteJobStore
 
-        return SQLiteJobStore(url.removeprefix("sqlite:///"))
-    raise ConfigError(f"unsupported job store URL {url!r}: use sqlite:///path/to/jobs.db")
+        return SQLiteJobStore(
+            url.removeprefix("sqlite:///"), default_retention_s=default_retention_s
+        )
+    if url.startswith(POSTGRES_SCHEMES):
+        from kontext_server.store.postgres import PostgresJobStore
+
+        return PostgresJobStore(url, default_retention_s=default_retention_s)
+    raise ConfigError(
+        f"unsupported job store URL {url!r}: use sqlite:///path/to/jobs.db or"
+        " postgresql://user:password@host:5432/dbname"
+    )

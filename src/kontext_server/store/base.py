@@ -33,6 +33,8 @@ from kontext_server.jobs import (
     JobStatus,
     NewJob,
     Progress,
+    PurgedJob,
+    QueueDepth,
     WebhookDelivery,
 )
 
@@ -56,6 +58,14 @@ class JobStore(Protocol):
 
     def queue_depth(self) -> int: ...
 
+    def count_queued(self, owner: str | None) -> int:
+        """Queued jobs of one owner (``None``: the anonymous owner), for per-key limits."""
+        ...
+
+    def queue_depths(self) -> list[QueueDepth]:
+        """Queued and running counts by (endpoint, priority), for metrics."""
+        ...
+
     def request_cancel(self, job_id: str) -> CancelOutcome:
         """Queued: canceled at once. Running: flag set, the worker stops within one step."""
         ...
@@ -65,6 +75,16 @@ class JobStore(Protocol):
     # --- worker side ------------------------------------------------------------------------
     def claim(self, worker_id: str, lease_s: float) -> Job | None:
         """Atomically take the best queued job (status -> running, attempts + 1, lease)."""
+        ...
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Block until a job may be claimable or ``timeout_s`` passes. A hint only (e.g.
+        PostgreSQL LISTEN/NOTIFY); callers still claim, and a backend may simply sleep."""
+        ...
+
+    def release(self, job_id: str, worker_id: str, attempt: int) -> bool:
+        """Hand a running job back (graceful drain): queued again in its place, the attempt
+        not counted. Fenced like ``finish``."""
         ...
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
@@ -102,6 +122,13 @@ class JobStore(Protocol):
 
     def expire_unstarted(self) -> int:
         """Queued jobs past their start deadline -> failed with error_type request_timeout."""
+        ...
+
+    def purge_expired(self, limit: int = 500) -> list[PurgedJob]:
+        """Delete finished jobs whose retention has passed (their events and outbox rows
+        too); returns them with the file keys of their results, for the caller to delete.
+        A job's retention runs from ``finished_at``: ``NewJob.retention_s`` or the store's
+        default (30 days, as fal keeps payloads)."""
         ...
 
     # --- webhook outbox -----------------------------------------------------------------------

@@ -8,6 +8,8 @@ How it stays correct under concurrency:
   the write lock is taken up front, so two writers queue on ``busy_timeout`` instead of
   failing with a lock-upgrade error. Transactions are short and never span GPU work.
 * Worker writes are fenced by ``(id, lease_owner, attempts, status='running')``.
+* ``wait_for_work`` has no cross-process signal to wait on: it wakes at once on a submit or
+  requeue made through this store object, and otherwise polls a cheap query.
 
 Several processes (the API process and its workers) may open the same file; the schema is
 created or migrated on open under the write lock, so concurrent openers are safe.
@@ -36,19 +38,37 @@ from kontext_server.jobs import (
     JobStatus,
     NewJob,
     Progress,
+    PurgedJob,
+    QueueDepth,
     WebhookDelivery,
+)
+from kontext_server.store.common import (
+    CANCELLED_ERROR,
+    CANCELLED_ERROR_TYPE,
+    DEFAULT_RETENTION_S,
+    RELEASED_EVENT,
+    START_TIMEOUT_ERROR,
+    START_TIMEOUT_ERROR_TYPE,
+    WORKER_LOST_ERROR,
+    WORKER_LOST_ERROR_TYPE,
+    check_retention_s,
+    file_keys_of,
+    final_event,
 )
 from kontext_server.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["SQLiteJobStore"]
+__all__ = [
+    "CANCELLED_ERROR",
+    "CANCELLED_ERROR_TYPE",
+    "START_TIMEOUT_ERROR",
+    "START_TIMEOUT_ERROR_TYPE",
+    "WORKER_LOST_ERROR",
+    "WORKER_LOST_ERROR_TYPE",
+    "SQLiteJobStore",
+]
 
 BUSY_TIMEOUT_MS = 10_000
-CANCELLED_ERROR = "Request cancelled"
-CANCELLED_ERROR_TYPE = "client_cancelled"
-START_TIMEOUT_ERROR = "Request timed out: no worker started it before its start deadline"
-START_TIMEOUT_ERROR_TYPE = "request_timeout"
-WORKER_LOST_ERROR = "The worker running this request was lost and no attempts are left"
-WORKER_LOST_ERROR_TYPE = "runner_disconnected"
+WORK_POLL_INTERVAL_S = 0.1  # wait_for_work's look at the table when no in-process signal came
 
 _FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
 _FENCE = "id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
@@ -107,26 +127,26 @@ def _api_key_from_row(row: sqlite3.Row) -> ApiKey:
     )
 
 
-def _final_event(status: JobStatus, error: str | None) -> tuple[str, str]:
-    """(level, message) of the event that closes a job's log."""
-    if status is JobStatus.SUCCEEDED:
-        return "INFO", "completed"
-    if status is JobStatus.CANCELED:
-        return "WARN", "canceled"
-    return "ERROR", f"failed: {error}" if error else "failed"
-
-
 class SQLiteJobStore:
     """The ``JobStore`` protocol on one SQLite file. Thread-safe and multi-process safe.
 
     ``path`` is a file path; ``":memory:"`` gives a private temporary file removed on
     ``close()`` (a real in-memory database would be private to one connection, and this
     store uses one connection per thread). ``clock`` returns unix seconds; tests inject a
-    fake one.
+    fake one. ``default_retention_s`` is how long a finished job is kept when its
+    ``NewJob.retention_s`` is ``None``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        default_retention_s: float = DEFAULT_RETENTION_S,
+    ):
         self._clock = clock
+        self._default_retention_s = check_retention_s(default_retention_s, "default_retention_s")
+        self._work_signal = threading.Condition()
         self._temp_dir: str | None = None
         if str(path) == ":memory:":
             self._temp_dir = tempfile.mkdtemp(prefix="kontext-store-")
@@ -246,7 +266,8 @@ class SQLiteJobStore:
                 row = conn.execute(
                     "INSERT INTO jobs (id, owner, endpoint, priority, status, max_attempts,"
                     " input, start_deadline_at, webhook_url, base_url, idempotency_key,"
-                    " created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                    " retention_s, created_at)"
+                    " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                     (
                         job.id,
                         job.owner,
@@ -258,11 +279,13 @@ class SQLiteJobStore:
                         job.webhook_url,
                         job.base_url,
                         job.idempotency_key,
+                        job.retention_s,
                         self._clock(),
                     ),
                 ).fetchone()
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
+        self._signal_work()
         return _job_from_row(row), True
 
     def get(self, job_id: str) -> Job | None:
@@ -299,6 +322,36 @@ class SQLiteJobStore:
     def queue_depth(self) -> int:
         row = self._conn().execute("SELECT coalesce(sum(queued), 0) FROM queue_counts").fetchone()
         return int(row[0])
+
+    def count_queued(self, owner: str | None) -> int:
+        row = (
+            self._conn()
+            .execute("SELECT count(*) FROM jobs WHERE status = 'queued' AND owner IS ?", (owner,))
+            .fetchone()
+        )
+        return int(row[0])
+
+    def queue_depths(self) -> list[QueueDepth]:
+        """Only (endpoint, priority) pairs with a queued or running job, sorted."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT endpoint, priority,"
+                " sum(status = 'queued') AS queued, sum(status = 'running') AS running"
+                " FROM jobs WHERE status IN ('queued', 'running')"
+                " GROUP BY endpoint, priority ORDER BY endpoint, priority"
+            )
+            .fetchall()
+        )
+        return [
+            QueueDepth(
+                endpoint=row["endpoint"],
+                priority=row["priority"],
+                queued=int(row["queued"]),
+                running=int(row["running"]),
+            )
+            for row in rows
+        ]
 
     def request_cancel(self, job_id: str) -> CancelOutcome:
         with self._write() as conn:
@@ -365,6 +418,50 @@ class SQLiteJobStore:
             .fetchone()
         )
         return bool(row[0])
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Returns as soon as a job is queued (at once if one already is), or after
+        ``timeout_s``. Submits through this object wake it at once; others are seen by a
+        poll every ``WORK_POLL_INTERVAL_S``."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        while not self._anything_queued():
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return
+            with self._work_signal:
+                self._work_signal.wait(min(remaining_s, WORK_POLL_INTERVAL_S))
+
+    def _signal_work(self) -> None:
+        with self._work_signal:
+            self._work_signal.notify_all()
+
+    def release(self, job_id: str, worker_id: str, attempt: int) -> bool:
+        """Fenced hand-back: the job is queued again in its place (same priority and seq),
+        ``attempts`` goes back down (this attempt does not count), lease and progress are
+        cleared. A job whose cancellation was requested ends canceled instead (nobody wants
+        it run again). ``False`` if this attempt no longer owns the job."""
+        with self._write() as conn:
+            now = self._clock()
+            canceled = conn.execute(
+                "UPDATE jobs SET status = 'canceled', error = ?, error_type = ?,"
+                f" finished_at = ?, lease_until = NULL WHERE {_FENCE} AND cancel_requested = 1"
+                " RETURNING id, webhook_url",
+                (CANCELLED_ERROR, CANCELLED_ERROR_TYPE, now, job_id, worker_id, attempt),
+            ).fetchall()
+            self._close_jobs(conn, canceled, now, "WARN", "canceled")
+            if canceled:
+                return True
+            cursor = conn.execute(
+                "UPDATE jobs SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
+                " lease_until = NULL, started_at = NULL, progress_step = NULL,"
+                f" progress_total = NULL WHERE {_FENCE}",
+                (job_id, worker_id, attempt),
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._insert_event(conn, job_id, now, "WARN", RELEASED_EVENT)
+        self._signal_work()
+        return True
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
         cursor = self._conn().execute(
@@ -443,7 +540,7 @@ class SQLiteJobStore:
                     attempt,
                 ),
             ).fetchall()
-            level, message = _final_event(status, error)
+            level, message = final_event(status, error)
             self._close_jobs(conn, rows, now, level, message)
         return len(rows) == 1
 
@@ -478,6 +575,8 @@ class SQLiteJobStore:
             ).fetchall()
             for row in requeued:
                 self._insert_event(conn, row["id"], now, "WARN", "worker lost; retrying")
+        if requeued:
+            self._signal_work()
         return len(canceled) + len(failed) + len(requeued)
 
     def expire_unstarted(self) -> int:
@@ -494,6 +593,21 @@ class SQLiteJobStore:
         self._close_jobs(conn, rows, now, "ERROR", f"failed: {START_TIMEOUT_ERROR}")
         return len(rows)
 
+    def purge_expired(self, limit: int = 500) -> list[PurgedJob]:
+        """Deletes up to ``limit`` finished jobs past ``expires_at`` (oldest expiry first);
+        their events and outbox rows go with them (``ON DELETE CASCADE``). Call it again
+        while it returns ``limit`` jobs."""
+        with self._write() as conn:
+            rows = conn.execute(
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE expires_at <= ?"
+                " ORDER BY expires_at, seq LIMIT ?) RETURNING id, result",
+                (self._clock(), limit),
+            ).fetchall()
+        return [
+            PurgedJob(id=row["id"], file_keys=file_keys_of(_loads_or_none(row["result"])))
+            for row in rows
+        ]
+
     # --- shared pieces of transactions ------------------------------------------------------------
     def _close_jobs(
         self,
@@ -503,8 +617,12 @@ class SQLiteJobStore:
         level: str,
         message: str,
     ) -> None:
-        """What every move to a final status does: the last event, and the webhook."""
+        """What every move to a final status does: the expiry, the last event, the webhook."""
         for row in rows:
+            conn.execute(
+                "UPDATE jobs SET expires_at = finished_at + coalesce(retention_s, ?) WHERE id = ?",
+                (self._default_retention_s, row["id"]),
+            )
             self._insert_event(conn, row["id"], now, level, message)
             if row["webhook_url"]:
                 conn.execute(

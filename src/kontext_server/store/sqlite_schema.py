@@ -15,6 +15,9 @@ Notes on choices:
 * ``queue_counts`` (queued jobs per priority) is maintained by triggers. Counting index
   entries is linear (~40 ns each); with the counts, a queue position scans at most half of
   its priority's line, and the queue depth costs nothing.
+* Retention (v2): ``retention_s`` is the job's own (``NULL``: the store's default);
+  ``expires_at`` is set when the job reaches a final status (``finished_at`` + retention),
+  so the purge walks a small index instead of computing per row.
 """
 
 from __future__ import annotations
@@ -139,7 +142,25 @@ _V1: tuple[str, ...] = (
     """,
 )
 
+_V2: tuple[str, ...] = (
+    "ALTER TABLE jobs ADD COLUMN retention_s REAL",
+    "ALTER TABLE jobs ADD COLUMN expires_at REAL",
+    # Jobs finished before v2 get the documented default (a store's own default is not
+    # known to a migration).
+    "UPDATE jobs SET expires_at = finished_at + 2592000 WHERE finished_at IS NOT NULL",
+    "CREATE INDEX jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL",
+    # Per-key limits count one owner's queued jobs.
+    "CREATE INDEX jobs_queued_by_owner ON jobs (owner) WHERE status = 'queued'",
+    # Metrics group the active jobs by (endpoint, priority).
+    """
+    CREATE INDEX jobs_active ON jobs (endpoint, priority, status)
+    WHERE status IN ('queued', 'running')
+    """,
+    # Purging a job deletes its outbox rows (ON DELETE CASCADE): find them by job.
+    "CREATE INDEX webhook_outbox_by_job ON webhook_outbox (job_id)",
+)
+
 # (version, statements), in order. The version of the last entry is the current schema.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1),)
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

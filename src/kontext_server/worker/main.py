@@ -1,4 +1,11 @@
-"""A worker process: load the model once, then claim and run jobs until told to stop."""
+"""A worker process: load the model once, then claim and run jobs until told to stop.
+
+SIGTERM (or SIGINT) drains: no more claims, the job in hand may finish within
+``drain_timeout_s``, else it is handed back to the queue at its next step; then the process
+exits 0. A second signal hands the job back at once. While the model loads no handler is
+installed yet, so a signal ends the process at once (there is no job to care for, and loading
+real weights can take minutes).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,9 @@ import logging
 import os
 import signal
 import socket
-import threading
 import uuid
 from types import FrameType
+from typing import Any
 
 from kontext_server.config import Settings
 from kontext_server.fetch import SafeFetcher
@@ -16,7 +23,7 @@ from kontext_server.files import open_file_store
 from kontext_server.store import open_store
 from kontext_server.worker.runner import JobRunner, RunnerLimits
 
-__all__ = ["make_fetcher", "run_worker"]
+__all__ = ["make_fetcher", "run_until_signalled", "run_worker", "runner_limits"]
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +44,17 @@ def runner_limits(settings: Settings) -> RunnerLimits:
         claim_poll_s=settings.claim_poll_s,
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
+        job_timeout_s=settings.job_timeout_s,
     )
 
 
 def run_worker(settings: Settings, worker_id: str | None = None) -> None:
-    """Run until SIGTERM/SIGINT; the job in hand is finished before the process exits."""
+    """Run until SIGTERM/SIGINT, then drain (see the module docstring) and return."""
     from kontext_server.worker.pipeline import KontextPipeline  # torch lives behind this line
 
     worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("worker %s: signal %d, finishing the job in hand", worker_id, signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
     store = open_store(settings.store_url())
-    files = open_file_store(settings.files_url())
+    files = open_file_store(settings.files_url(), settings)
     pipeline = KontextPipeline.from_settings(settings)
     runner = JobRunner(
         store,
@@ -68,8 +67,36 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     )
     log.info("worker %s ready (model %s)", worker_id, settings.model)
     try:
-        runner.run_forever(stop)
+        run_until_signalled(runner, drain_timeout_s=settings.drain_timeout_s)
     finally:
         runner.close()
         store.close()
         log.info("worker %s stopped", worker_id)
+
+
+def run_until_signalled(runner: JobRunner, *, drain_timeout_s: float) -> None:
+    """Run ``runner`` until SIGTERM or SIGINT, then drain it: the job in hand may run
+    ``drain_timeout_s`` more before it is handed back; a second signal hands it back at its
+    next step. Returns once nothing is in hand. Call from the main thread (signal handlers)."""
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        timeout_s = drain_timeout_s if signals_seen == 1 else 0.0
+        log.info(
+            "worker %s: signal %d, draining (the job in hand has %.1f s to finish)",
+            runner.worker_id,
+            signum,
+            timeout_s,
+        )
+        runner.drain(timeout_s)
+
+    previous: dict[signal.Signals, Any] = {
+        signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        runner.run_forever()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -278,6 +278,8 @@ class KontextPipeline:
             seed=seed,
             timings=timings,
             random_weights=self.random_weights,
+            steps=progress.done_steps,
+            gpu_memory_bytes=_gpu_memory(self.device),
         )
 
     def reference_sizes(self, images: Sequence[Image.Image]) -> list[tuple[int, int]]:
@@ -400,3 +402,13 @@ def _timed_encode(image: Image.Image, fmt: Any) -> tuple[EncodedImage, float]:
     started = time.perf_counter()
     encoded = imaging.encode_image(image, fmt)
     return encoded, time.perf_counter() - started
+
+
+def _gpu_memory(device: torch.device) -> dict[str, int]:
+    """Allocated and peak CUDA memory of this process (empty on the CPU), for metrics."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "allocated": int(torch.cuda.memory_allocated(device)),
+        "peak": int(torch.cuda.max_memory_allocated(device)),
+    }

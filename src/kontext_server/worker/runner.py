@@ -1,5 +1,15 @@
 """The worker loop: claim a job, run the edit, publish the images, finish with a fenced write.
 
+Two limits end a run early:
+
+* **Execution timeout** (``RunnerLimits.job_timeout_s``): the lease thread fails the job
+  (``execution_timeout``, with the fenced finish) and then ends the whole process
+  (``EXIT_EXECUTION_TIMEOUT``): a stuck CUDA call cannot be interrupted from Python, so the
+  only way to free the GPU is a fresh process, which the supervisor starts.
+* **Drain** (``JobRunner.drain``, on SIGTERM): no more claims; the job in hand may finish
+  within the drain time, else it is interrupted at its next step and handed back to the queue
+  (``JobStore.release``: its place kept, the attempt not counted).
+
 This module is torch-free: the engine arrives as an ``EditPipeline``, so the loop is tested
 with hand-written fake engines as well as with the real tiny diffusers pipeline.
 """
@@ -8,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,12 +41,14 @@ from kontext_server.fetch import SafeFetcher, load_image_bytes
 from kontext_server.files.base import FileStore, new_file_key
 from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.store.base import JobStore
+from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
 
-__all__ = ["JobRunner", "RunnerLimits"]
+__all__ = ["EXECUTION_TIMEOUT_ERROR_TYPE", "JobRunner", "RunnerLimits"]
 
 log = logging.getLogger(__name__)
 
 CANCELLED_MESSAGE = "Request cancelled"
+EXECUTION_TIMEOUT_ERROR_TYPE = "execution_timeout"  # ours: fal has no word for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,21 +59,34 @@ class RunnerLimits:
     progress_interval_s: float = 0.1  # progress writes are throttled, the last step never is
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    job_timeout_s: float = 900.0  # a run longer than this fails and the process is replaced
 
 
 class _Lease:
-    """Keeps one job's lease alive from a thread of its own.
+    """Keeps one job's lease alive from a thread of its own, and watches its execution time.
 
     The GPU work runs in the caller's thread; torch releases the GIL inside kernels and Python
     switches threads every few milliseconds, so a long denoising step cannot starve this
     heartbeat. A lost lease (another worker took the job over) stops the edit at the next step.
+    If the work has not returned ``limits.job_timeout_s`` after the start, ``on_timeout`` runs
+    on this thread (also after a lost lease: a stuck process must go whoever owns the job now).
     """
 
-    def __init__(self, store: JobStore, job: Job, worker_id: str, limits: RunnerLimits) -> None:
-        self._store, self._job, self._worker_id, self._limits = store, job, worker_id, limits
+    def __init__(
+        self,
+        store: JobStore,
+        job: Job,
+        worker_id: str,
+        limits: RunnerLimits,
+        on_timeout: Callable[[_Lease], None],
+    ) -> None:
+        self._store, self.job, self._worker_id, self._limits = store, job, worker_id, limits
+        self._on_timeout = on_timeout
+        self._deadline = time.monotonic() + limits.job_timeout_s
         self._stop = threading.Event()
         self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job.id}", daemon=True)
+        self.work_returned = threading.Event()  # set by the runner: nothing is stuck any more
+        self._thread = threading.Thread(target=self._watch, name=f"lease-{job.id}", daemon=True)
 
     def __enter__(self) -> _Lease:
         self._thread.start()
@@ -70,23 +96,43 @@ class _Lease:
         self._stop.set()
         self._thread.join()
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self._limits.heartbeat_s):
-            try:
-                alive = self._store.heartbeat(
-                    self._job.id, self._worker_id, self._job.attempts, self._limits.lease_s
-                )
-            except Exception:  # a busy database must not kill the heartbeat; retry next beat
-                log.exception("heartbeat of %s failed", self._job.id)
-                continue
-            if not alive:
-                log.warning("lease of %s lost; abandoning this attempt", self._job.id)
-                self.lost.set()
+    def _watch(self) -> None:
+        while not self._stop.wait(self._next_wake_s()):
+            if time.monotonic() >= self._deadline:
+                if not self.work_returned.is_set():
+                    self._on_timeout(self)
                 return
+            if not self.lost.is_set():
+                self._renew()
+
+    def _next_wake_s(self) -> float:
+        until_deadline_s = max(0.0, self._deadline - time.monotonic())
+        return (
+            until_deadline_s
+            if self.lost.is_set()
+            else min(self._limits.heartbeat_s, until_deadline_s)
+        )
+
+    def _renew(self) -> None:
+        try:
+            alive = self._store.heartbeat(
+                self.job.id, self._worker_id, self.job.attempts, self._limits.lease_s
+            )
+        except Exception:  # a busy database must not kill the heartbeat; retry next beat
+            log.exception("heartbeat of %s failed", self.job.id)
+            return
+        if not alive:
+            log.warning("lease of %s lost; abandoning this attempt", self.job.id)
+            self.lost.set()
 
 
 class JobRunner:
-    """Runs jobs from ``store`` on ``pipeline``, one at a time (one request per GPU)."""
+    """Runs jobs from ``store`` on ``pipeline``, one at a time (one request per GPU).
+
+    ``exit_process(code)`` ends the process after an execution timeout (default ``os._exit``,
+    which skips cleanup on purpose: the main thread may be stuck in the GPU). Tests pass a
+    recorder instead so that pytest survives.
+    """
 
     def __init__(
         self,
@@ -98,16 +144,23 @@ class JobRunner:
         worker_id: str,
         limits: RunnerLimits | None = None,
         model_name: str = "",
+        exit_process: Callable[[int], object] = os._exit,
     ) -> None:
         self.store, self.files, self.pipeline, self.fetcher = store, files, pipeline, fetcher
         self.worker_id = worker_id
         self.limits = limits or RunnerLimits()
         self.model_name = model_name
+        self._exit_process = exit_process
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="worker-io")
+        # Written by ``drain`` (possibly from a signal handler), read by the loop: a plain
+        # attribute, no lock, because a handler must never wait on a lock its thread holds.
+        self._drain_deadline: float | None = None
 
-    def run_forever(self, stop: threading.Event) -> None:
-        """Claim and run jobs until ``stop`` is set; the running job is always finished."""
-        while not stop.is_set():
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        """Claim and run jobs until ``stop`` is set (the job in hand is finished) or
+        ``drain`` is called (the job in hand is finished or handed back)."""
+        stop = stop or threading.Event()
+        while not stop.is_set() and not self.draining:
             if not self.run_next():
                 stop.wait(self.limits.claim_poll_s)
 
@@ -116,39 +169,101 @@ class JobRunner:
         job = self.store.claim(self.worker_id, self.limits.lease_s)
         if job is None:
             return False
+        if self.draining:  # the drain began while this claim was on its way: give it back
+            self.store.release(job.id, self.worker_id, job.attempts)
+            return True
         self.run(job)
         return True
+
+    def drain(self, timeout_s: float) -> None:
+        """Stop claiming now. The job in hand may run ``timeout_s`` more; then it is
+        interrupted at its next step and handed back to the queue (its place kept, the attempt
+        not counted). Safe to call from a signal handler; a later call can only shorten the
+        time."""
+        deadline = time.monotonic() + timeout_s
+        current = self._drain_deadline
+        self._drain_deadline = deadline if current is None else min(current, deadline)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def _drain_time_is_up(self) -> bool:
+        deadline = self._drain_deadline
+        return deadline is not None and time.monotonic() >= deadline
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
 
     # --- one job ---------------------------------------------------------------------------
     def run(self, job: Job) -> None:
+        """Run one claimed job to its end: finished (fenced), or handed back when a drain
+        ran out of time. An execution timeout ends the process from the lease thread."""
         started = time.perf_counter()
-        with _Lease(self.store, job, self.worker_id, self.limits) as lease:
+        with _Lease(self.store, job, self.worker_id, self.limits, self._time_out) as lease:
             status, fields = self._execute(job, lease)
+            lease.work_returned.set()
             if lease.lost.is_set():
                 return  # another attempt owns the job now; our write would be refused anyway
-            fields.setdefault("result", None)
-            finished = self.store.finish(job.id, self.worker_id, job.attempts, status, **fields)
+            recorded = self._record(job, status, fields)
         log.info(
             "job %s %s in %.3f s%s",
             job.id,
-            status.value,
+            "handed back" if status is JobStatus.QUEUED else status.value,
             time.perf_counter() - started,
-            "" if finished else " (not recorded: lease lost)",
+            "" if recorded else " (not recorded: lease lost)",
+        )
+
+    def _record(self, job: Job, status: JobStatus, fields: dict[str, Any]) -> bool:
+        if status is JobStatus.QUEUED:
+            return self.store.release(job.id, self.worker_id, job.attempts)
+        fields.setdefault("result", None)
+        return self.store.finish(job.id, self.worker_id, job.attempts, status, **fields)
+
+    def _time_out(self, lease: _Lease) -> None:
+        """On the lease thread, when the run passed ``job_timeout_s``: fail the job, then end
+        the process (the edit may be stuck where Python cannot interrupt it)."""
+        job = lease.job
+        message = (
+            f"the edit ran longer than {self.limits.job_timeout_s:g} s; its worker was replaced"
+        )
+        log.error("job %s: %s; ending worker process %d", job.id, message, os.getpid())
+        lease.lost.set()  # this attempt is over: if the edit ever returns, it records nothing
+        try:
+            self.store.finish(
+                job.id,
+                self.worker_id,
+                job.attempts,
+                JobStatus.FAILED,
+                result=None,
+                error=message,
+                error_type=EXECUTION_TIMEOUT_ERROR_TYPE,
+            )
+        except Exception:  # the store is unreachable: the lease expires and the job is re-queued
+            log.exception("cannot record the execution timeout of job %s", job.id)
+        self._exit_process(EXIT_EXECUTION_TIMEOUT)
+
+    def _should_stop(self, job: Job, lease: _Lease) -> bool:
+        """Polled between denoising steps: lease lost, drain time up, or cancel requested."""
+        return (
+            lease.lost.is_set()
+            or self._drain_time_is_up()
+            or self.store.is_cancel_requested(job.id)
         )
 
     def _execute(self, job: Job, lease: _Lease) -> tuple[JobStatus, dict[str, Any]]:
+        """The job's outcome: a final status with its fields, or ``QUEUED`` to hand it back."""
         try:
-            request = self._build_request(job)
+            request = self._build_request(job, lease)
             result = self.pipeline.edit(
                 request,
                 on_step=self._progress_reporter(job),
-                should_cancel=lambda: lease.lost.is_set() or self.store.is_cancel_requested(job.id),
+                should_cancel=lambda: self._should_stop(job, lease),
             )
             return JobStatus.SUCCEEDED, {"result": self._publish(job, request, result)}
         except EditCancelled:
+            if self._drain_time_is_up() and not self.store.is_cancel_requested(job.id):
+                return JobStatus.QUEUED, {}
             return JobStatus.CANCELED, {
                 "error": CANCELLED_MESSAGE,
                 "error_type": "client_cancelled",
@@ -162,10 +277,10 @@ class JobRunner:
             self.store.add_event(job.id, message, level="ERROR")
             return JobStatus.FAILED, {"error": message, "error_type": "internal_error"}
 
-    def _build_request(self, job: Job) -> EditRequest:
+    def _build_request(self, job: Job, lease: _Lease) -> EditRequest:
         data = job.input
         sources: list[str] = data["image_urls"] if "image_urls" in data else [data["image_url"]]
-        if self.store.is_cancel_requested(job.id):
+        if self._should_stop(job, lease):
             raise EditCancelled(job.id)
         self.store.add_event(job.id, f"loading {len(sources)} reference image(s)")
         images = list(self._io.map(self._load_image, sources))

@@ -1,0 +1,820 @@
+"""``PostgresJobStore``: the scale-out job store (many API and worker processes, many hosts).
+
+The same tables, state machine and fencing as ``SQLiteJobStore``; PostgreSQL specifics:
+
+* A ``psycopg_pool.ConnectionPool`` of autocommit connections, checked before each use. A
+  call that cannot reach PostgreSQL raises ``StoreError`` (no psycopg exception leaves this
+  module) and marks the pool suspect; while it is, each call first probes the server with
+  one plain connection (failing fast during an outage) and, once the server answers,
+  replaces the pool. So the first call after PostgreSQL is back works, instead of waiting
+  out the pool's reconnection backoff (1 s, 2 s, 4 s, ...).
+* Most operations are one statement (data-modifying CTEs): a move to a final status sets
+  ``expires_at``, appends the closing event and the outbox row in the statement that moves
+  it, so each is atomic without an explicit transaction and costs one round trip.
+* Claims, the outbox, lease expiry and purges pick rows with ``FOR UPDATE SKIP LOCKED``:
+  concurrent workers and API processes never wait on, nor take, each other's rows.
+* Every write that adds a job event first locks the job's row, so a job's events commit in
+  the order of their ids (SSE resumes after an id and must not skip a late commit).
+* ``submit``, ``release`` and requeues ``NOTIFY kontext_jobs``; ``wait_for_work`` LISTENs on
+  a dedicated connection. Notifications are hints; the tables stay the truth.
+* Migrations are applied on start under an advisory lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from kontext_server.errors import StoreError
+from kontext_server.jobs import (
+    ApiKey,
+    CancelOutcome,
+    Job,
+    JobEvent,
+    JobStatus,
+    NewJob,
+    Progress,
+    PurgedJob,
+    QueueDepth,
+    WebhookDelivery,
+)
+from kontext_server.store.common import (
+    CANCELLED_ERROR,
+    CANCELLED_ERROR_TYPE,
+    DEFAULT_RETENTION_S,
+    RELEASED_EVENT,
+    START_TIMEOUT_ERROR,
+    START_TIMEOUT_ERROR_TYPE,
+    WORKER_LOST_ERROR,
+    WORKER_LOST_ERROR_TYPE,
+    check_retention_s,
+    file_keys_of,
+    final_event,
+)
+from kontext_server.store.postgres_schema import (
+    MIGRATION_LOCK_ID,
+    MIGRATIONS,
+    NOTIFY_CHANNEL,
+    SCHEMA_VERSION,
+)
+
+__all__ = ["PostgresJobStore"]
+
+Connection = psycopg.Connection[DictRow]
+
+CONNECT_TIMEOUT_S = 5
+_FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
+_FENCE = (
+    "id = %(job_id)s AND status = 'running' AND lease_owner = %(worker_id)s"
+    " AND attempts = %(attempt)s"
+)
+# The columns that make a job final; %(now)s and %(retention_s)s (the store default).
+_FINAL_COLUMNS = (
+    "finished_at = %(now)s, lease_until = NULL,"
+    " expires_at = %(now)s + coalesce(retention_s, %(retention_s)s)"
+)
+
+
+def _closing(update: str) -> str:
+    """``update`` (an ``UPDATE jobs ...`` to a final status, without ``RETURNING``) plus what
+    every move to a final status does, in the same statement: the closing event
+    (``%(level)s``, ``%(message)s``) and, with a webhook URL, one outbox row. Returns the
+    ids of the jobs it closed."""
+    return (
+        f"WITH done AS ({update} RETURNING id, webhook_url),"
+        " closing_events AS (INSERT INTO job_events (job_id, at, level, message)"
+        "   SELECT id, %(now)s, %(level)s, %(message)s FROM done),"
+        " hooks AS (INSERT INTO webhook_outbox (job_id, url, next_attempt_at, created_at)"
+        "   SELECT id, webhook_url, %(now)s, %(now)s FROM done WHERE webhook_url IS NOT NULL)"
+        " SELECT id FROM done"
+    )
+
+
+def _job_from_row(row: DictRow) -> Job:
+    step, total = row["progress_step"], row["progress_total"]
+    return Job(
+        id=row["id"],
+        seq=row["seq"],
+        endpoint=row["endpoint"],
+        input=row["input"],
+        owner=row["owner"],
+        priority=row["priority"],
+        status=JobStatus(row["status"]),
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        cancel_requested=row["cancel_requested"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        result=row["result"],
+        error=row["error"],
+        error_type=row["error_type"],
+        progress=None if step is None or total is None else Progress(step=step, total=total),
+        start_deadline_at=row["start_deadline_at"],
+        webhook_url=row["webhook_url"],
+        base_url=row["base_url"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def _event_from_row(row: DictRow) -> JobEvent:
+    return JobEvent(
+        id=row["id"],
+        job_id=row["job_id"],
+        at=row["at"],
+        level=row["level"],
+        message=row["message"],
+        data=row["data"],
+    )
+
+
+def _api_key_from_row(row: DictRow) -> ApiKey:
+    return ApiKey(
+        id=row["id"], name=row["name"], created_at=row["created_at"], revoked_at=row["revoked_at"]
+    )
+
+
+def describe_dsn(dsn: str) -> str:
+    """``dbname on host:port`` for messages: never the password."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise StoreError(f"not a valid PostgreSQL URL or conninfo string: {exc}") from exc
+    host = parts.get("host") or "localhost"
+    return f"database {parts.get('dbname') or '(default)'} on {host}:{parts.get('port') or 5432}"
+
+
+class PostgresJobStore:
+    """The ``JobStore`` protocol on PostgreSQL (tested with 15). Thread-safe; open one per
+    process (a pool must not cross ``fork()``).
+
+    ``dsn`` is a libpq URL or conninfo string (``postgresql://user:pass@host:5432/db``).
+    ``clock`` returns unix seconds (all times are the caller's clock, never the server's:
+    tests inject a fake one). ``pool_max`` bounds the connections this process opens
+    (plus one for ``wait_for_work``). ``default_retention_s`` is how long a finished job is
+    kept when its ``NewJob.retention_s`` is ``None``. ``acquire_timeout_s`` is how long a
+    call waits for a connection (e.g. while PostgreSQL is down) before ``StoreError``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        pool_max: int = 10,
+        default_retention_s: float = DEFAULT_RETENTION_S,
+        acquire_timeout_s: float = 5.0,
+    ) -> None:
+        if pool_max < 1:
+            raise StoreError(f"pool_max must be at least 1, not {pool_max}")
+        self._dsn = dsn
+        self._where = describe_dsn(dsn)
+        self._clock = clock
+        self._default_retention_s = check_retention_s(default_retention_s, "default_retention_s")
+        self._pool_max = pool_max
+        self._acquire_timeout_s = acquire_timeout_s
+        self._listen_lock = threading.Lock()
+        self._listener: Connection | None = None
+        self._closed = False
+        self._pool_lock = threading.Lock()
+        self._pool_suspect = False
+        self._pool = self._new_pool()
+        try:
+            self._migrate()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # --- connections ------------------------------------------------------------------------------
+    def _new_pool(self) -> ConnectionPool[Connection]:
+        pool: ConnectionPool[Connection] = ConnectionPool(
+            self._dsn,
+            min_size=1,
+            max_size=self._pool_max,
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "connect_timeout": CONNECT_TIMEOUT_S,
+            },
+            check=ConnectionPool.check_connection,
+            timeout=self._acquire_timeout_s,
+            name="kontext-job-store",
+            open=False,
+        )
+        pool.open()
+        return pool
+
+    def _unavailable(self, exc: BaseException) -> StoreError:
+        return StoreError(
+            f"the PostgreSQL job store ({self._where}) is unavailable ({exc});"
+            " retry once it is back"
+        )
+
+    def _healthy_pool(self) -> ConnectionPool[Connection]:
+        """The pool; after a connection failure, first a probe and, if the server answers,
+        a fresh pool (the old one's connections all died with the server)."""
+        with self._pool_lock:
+            if self._closed:
+                raise StoreError(f"the job store ({self._where}) is closed")
+            if not self._pool_suspect:
+                return self._pool
+            try:
+                psycopg.connect(self._dsn, connect_timeout=CONNECT_TIMEOUT_S).close()
+            except psycopg.Error as exc:
+                raise self._unavailable(exc) from exc
+            stale, self._pool = self._pool, self._new_pool()
+            self._pool_suspect = False
+        stale.close(timeout=0)  # connections still out are closed when given back
+        return self._pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """A pooled autocommit connection; psycopg errors leave as ``StoreError``."""
+        pool = self._healthy_pool()
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            self._pool_suspect = True
+            raise self._unavailable(exc) from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"the PostgreSQL job store ({self._where}) failed: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self._connection() as conn, conn.transaction():
+            yield conn
+
+    def _fetchone(self, query: str, params: Any = None) -> DictRow | None:
+        with self._connection() as conn:
+            return conn.execute(query, params).fetchone()
+
+    def _fetchall(self, query: str, params: Any = None) -> list[DictRow]:
+        with self._connection() as conn:
+            return conn.execute(query, params).fetchall()
+
+    def _rowcount(self, query: str, params: Any = None) -> int:
+        with self._connection() as conn:
+            return conn.execute(query, params).rowcount
+
+    def _migrate(self) -> None:
+        with self._transaction() as conn:
+            # Several processes may start at once: one applies, the others wait and see.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (version integer PRIMARY KEY, applied_at double precision NOT NULL)"
+            )
+            row = conn.execute(
+                "SELECT coalesce(max(version), 0) AS version FROM schema_version"
+            ).fetchone()
+            version = 0 if row is None else int(row["version"])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the job store ({self._where}) has schema version {version}, newer than"
+                    f" this kontext-server knows ({SCHEMA_VERSION}): upgrade kontext-server"
+                )
+            for number, statements in MIGRATIONS:
+                if number > version:
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
+                        (number, self._clock()),
+                    )
+
+    def server_version(self) -> str:
+        """PostgreSQL's version string (e.g. ``15.18``), for diagnostics."""
+        row = self._fetchone("SELECT current_setting('server_version') AS version")
+        return "" if row is None else str(row["version"])
+
+    def close(self) -> None:
+        """Close the pool and the listening connection; the store cannot be used afterwards."""
+        with self._pool_lock:
+            self._closed = True
+        with self._listen_lock:
+            self._drop_listener()
+        self._pool.close()
+
+    # --- API side ---------------------------------------------------------------------------------
+    def submit(self, job: NewJob) -> tuple[Job, bool]:
+        params = {
+            "id": job.id,
+            "owner": job.owner,
+            "endpoint": job.endpoint,
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            "input": Jsonb(job.input),
+            "start_deadline_at": job.start_deadline_at,
+            "webhook_url": job.webhook_url,
+            "base_url": job.base_url,
+            "idempotency_key": job.idempotency_key,
+            "retention_s": job.retention_s,
+            "now": self._clock(),
+        }
+        with self._connection() as conn:
+            try:
+                # The notification is sent when (and only if) the insert commits.
+                row = conn.execute(
+                    "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
+                    " max_attempts, input, start_deadline_at, webhook_url, base_url,"
+                    " idempotency_key, retention_s, created_at) VALUES (%(id)s, %(owner)s,"
+                    " %(endpoint)s, %(priority)s, 'queued', %(max_attempts)s, %(input)s,"
+                    " %(start_deadline_at)s, %(webhook_url)s, %(base_url)s,"
+                    " %(idempotency_key)s, %(retention_s)s, %(now)s)"
+                    " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
+                    " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
+                    f" SELECT *, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted",
+                    params,
+                ).fetchone()
+            except pg_errors.UniqueViolation as exc:
+                raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
+            if row is not None:
+                return _job_from_row(row), True
+            existing = conn.execute(
+                "SELECT * FROM jobs WHERE coalesce(owner, '') = %s AND idempotency_key = %s",
+                (job.owner or "", job.idempotency_key),
+            ).fetchone()
+        if existing is None:  # the conflicting job was purged in between: a very old key
+            return self.submit(job)
+        return _job_from_row(existing), False
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._fetchone("SELECT * FROM jobs WHERE id = %s", (job_id,))
+        return None if row is None else _job_from_row(row)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """Queued jobs ahead by (priority, seq): one range count on the partial queue index."""
+        row = self._fetchone(
+            "SELECT (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
+            "        AND (q.priority, q.seq) < (j.priority, j.seq)) AS ahead"
+            " FROM jobs AS j WHERE j.id = %s AND j.status = 'queued'",
+            (job_id,),
+        )
+        return None if row is None else int(row["ahead"])
+
+    def queue_depth(self) -> int:
+        row = self._fetchone("SELECT count(*) AS n FROM jobs WHERE status = 'queued'")
+        return 0 if row is None else int(row["n"])
+
+    def count_queued(self, owner: str | None) -> int:
+        # Two spellings, because IS NOT DISTINCT FROM cannot use the owner index.
+        if owner is None:
+            row = self._fetchone(
+                "SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND owner IS NULL"
+            )
+        else:
+            row = self._fetchone(
+                "SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND owner = %s", (owner,)
+            )
+        return 0 if row is None else int(row["n"])
+
+    def queue_depths(self) -> list[QueueDepth]:
+        """Only (endpoint, priority) pairs with a queued or running job, sorted."""
+        rows = self._fetchall(
+            "SELECT endpoint, priority,"
+            " count(*) FILTER (WHERE status = 'queued') AS queued,"
+            " count(*) FILTER (WHERE status = 'running') AS running"
+            " FROM jobs WHERE status IN ('queued', 'running')"
+            ' GROUP BY endpoint, priority ORDER BY endpoint COLLATE "C", priority'
+        )
+        return [
+            QueueDepth(
+                endpoint=row["endpoint"],
+                priority=row["priority"],
+                queued=int(row["queued"]),
+                running=int(row["running"]),
+            )
+            for row in rows
+        ]
+
+    def request_cancel(self, job_id: str) -> CancelOutcome:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT status FROM jobs WHERE id = %s FOR NO KEY UPDATE", (job_id,)
+            ).fetchone()
+            if row is None:
+                return CancelOutcome.NOT_FOUND
+            status = JobStatus(row["status"])
+            if status.is_final:
+                return CancelOutcome.ALREADY_FINISHED
+            now = self._clock()
+            if status is JobStatus.QUEUED:
+                conn.execute(
+                    _closing(
+                        "UPDATE jobs SET status = 'canceled', cancel_requested = true,"
+                        f" error = %(error)s, error_type = %(error_type)s, {_FINAL_COLUMNS}"
+                        " WHERE id = %(job_id)s"
+                    ),
+                    self._closing_params(now, "WARN", "canceled", job_id=job_id),
+                )
+                return CancelOutcome.CANCELED
+            conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
+            self._insert_event(conn, job_id, now, "WARN", "cancellation requested")
+            return CancelOutcome.REQUESTED
+
+    def _closing_params(self, now: float, level: str, message: str, **more: Any) -> dict[str, Any]:
+        return {
+            "now": now,
+            "retention_s": self._default_retention_s,
+            "level": level,
+            "message": message,
+            "error": CANCELLED_ERROR,
+            "error_type": CANCELLED_ERROR_TYPE,
+            **more,
+        }
+
+    def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
+        rows = self._fetchall(
+            "SELECT * FROM job_events WHERE job_id = %s AND id > %s ORDER BY id LIMIT %s",
+            (job_id, after_id, limit),
+        )
+        return [_event_from_row(row) for row in rows]
+
+    # --- worker side ------------------------------------------------------------------------------
+    def claim(self, worker_id: str, lease_s: float) -> Job | None:
+        """Take the best queued job (skipping rows other claimers hold). Never starts a job
+        past its start deadline: those are failed with ``request_timeout`` first."""
+        now = self._clock()
+        with self._connection() as conn:
+            self._expire_unstarted(conn, now)
+            row = conn.execute(
+                "WITH claimed AS (UPDATE jobs SET status = 'running', attempts = attempts + 1,"
+                " lease_owner = %(worker_id)s, lease_until = %(lease_until)s,"
+                " started_at = %(now)s, progress_step = NULL, progress_total = NULL"
+                " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued'"
+                "   AND (start_deadline_at IS NULL OR start_deadline_at >= %(now)s)"
+                "   ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING *),"
+                " started AS (INSERT INTO job_events (job_id, at, level, message)"
+                "   SELECT id, %(now)s, 'INFO', 'started (attempt ' || attempts || ')'"
+                "   FROM claimed)"
+                " SELECT * FROM claimed",
+                {"worker_id": worker_id, "lease_until": now + lease_s, "now": now},
+            ).fetchone()
+        return None if row is None else _job_from_row(row)
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """LISTENs for ``kontext_jobs`` and returns on the first notification, at once if a
+        job is already queued, or after ``timeout_s``. While PostgreSQL is unreachable it
+        just waits out the timeout (the caller's next ``claim`` reports the outage). One
+        thread listens at a time; another caller meanwhile just waits out its timeout."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        if not self._listen_lock.acquire(timeout=max(timeout_s, 0.0)):
+            return
+        try:
+            try:
+                conn = self._listening_connection()
+                for _ in conn.notifies(timeout=0):  # drop stale hints: the check below counts
+                    pass
+                queued = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued') AS any"
+                ).fetchone()
+                if queued is not None and queued["any"]:
+                    return
+                remaining_s = deadline - time.monotonic()
+                if remaining_s > 0:
+                    for _ in conn.notifies(timeout=remaining_s, stop_after=1):
+                        pass
+                return
+            except psycopg.Error:
+                self._drop_listener()
+        finally:
+            self._listen_lock.release()
+        time.sleep(max(0.0, deadline - time.monotonic()))
+
+    def _listening_connection(self) -> Connection:
+        if self._closed:
+            raise StoreError(f"the job store ({self._where}) is closed")
+        if self._listener is None or self._listener.closed:
+            conn = psycopg.connect(
+                self._dsn, autocommit=True, row_factory=dict_row, connect_timeout=5
+            )
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self._listener = conn
+        return self._listener
+
+    def _drop_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def release(self, job_id: str, worker_id: str, attempt: int) -> bool:
+        """Fenced hand-back: queued again in its place (same priority and seq), ``attempts``
+        back down, lease and progress cleared. A job whose cancellation was requested ends
+        canceled instead. ``False`` if this attempt no longer owns the job."""
+        now = self._clock()
+        fence = {"job_id": job_id, "worker_id": worker_id, "attempt": attempt}
+        with self._connection() as conn:
+            canceled = conn.execute(
+                _closing(
+                    "UPDATE jobs SET status = 'canceled', error = %(error)s,"
+                    f" error_type = %(error_type)s, {_FINAL_COLUMNS}"
+                    f" WHERE {_FENCE} AND cancel_requested"
+                ),
+                self._closing_params(now, "WARN", "canceled", **fence),
+            ).fetchall()
+            if canceled:
+                return True
+            released = conn.execute(
+                "WITH released AS (UPDATE jobs SET status = 'queued', attempts = attempts - 1,"
+                " lease_owner = NULL, lease_until = NULL, started_at = NULL,"
+                f" progress_step = NULL, progress_total = NULL WHERE {_FENCE} RETURNING id),"
+                " logged AS (INSERT INTO job_events (job_id, at, level, message)"
+                "   SELECT id, %(now)s, 'WARN', %(message)s FROM released)"
+                f" SELECT id, pg_notify('{NOTIFY_CHANNEL}', '') FROM released",
+                {**fence, "now": now, "message": RELEASED_EVENT},
+            ).fetchall()
+        return len(released) == 1
+
+    def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
+        return (
+            self._rowcount(
+                f"UPDATE jobs SET lease_until = %(lease_until)s WHERE {_FENCE}",
+                {
+                    "lease_until": self._clock() + lease_s,
+                    "job_id": job_id,
+                    "worker_id": worker_id,
+                    "attempt": attempt,
+                },
+            )
+            == 1
+        )
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        row = self._fetchone("SELECT cancel_requested FROM jobs WHERE id = %s", (job_id,))
+        return row is not None and bool(row["cancel_requested"])
+
+    def set_progress(self, job_id: str, worker_id: str, attempt: int, progress: Progress) -> bool:
+        rows = self._fetchall(
+            "WITH moved AS (UPDATE jobs SET progress_step = %(step)s,"
+            f" progress_total = %(total)s WHERE {_FENCE} RETURNING id)"
+            " INSERT INTO job_events (job_id, at, level, message, data)"
+            " SELECT id, %(now)s, 'INFO', %(message)s, %(data)s FROM moved RETURNING id",
+            {
+                "step": progress.step,
+                "total": progress.total,
+                "job_id": job_id,
+                "worker_id": worker_id,
+                "attempt": attempt,
+                "now": self._clock(),
+                "message": f"step {progress.step}/{progress.total}",
+                "data": Jsonb({"step": progress.step, "total": progress.total}),
+            },
+        )
+        return len(rows) == 1
+
+    def add_event(
+        self, job_id: str, message: str, level: str = "INFO", data: dict[str, Any] | None = None
+    ) -> None:
+        """Append a log line (not fenced). Raises ``StoreError`` for an unknown job."""
+        with self._connection() as conn:
+            added = self._insert_event(conn, job_id, self._clock(), level, message, data)
+        if not added:
+            raise StoreError(f"cannot add an event to unknown job {job_id!r}")
+
+    def finish(
+        self,
+        job_id: str,
+        worker_id: str,
+        attempt: int,
+        status: JobStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+    ) -> bool:
+        """Fenced completion. A ``canceled`` finish without an error gets fal's
+        ``Request cancelled`` / ``client_cancelled``."""
+        if not status.is_final:
+            raise StoreError(
+                f"finish needs a final status ({', '.join(_FINAL_STATUSES)}), not {status}"
+            )
+        if status is JobStatus.CANCELED and error is None:
+            error, error_type = CANCELLED_ERROR, error_type or CANCELLED_ERROR_TYPE
+        level, message = final_event(status, error)
+        rows = self._fetchall(
+            _closing(
+                "UPDATE jobs SET status = %(status)s, result = %(result)s, error = %(error)s,"
+                f" error_type = %(error_type)s, {_FINAL_COLUMNS} WHERE {_FENCE}"
+            ),
+            self._closing_params(
+                self._clock(),
+                level,
+                message,
+                status=status.value,
+                result=None if result is None else Jsonb(result),
+                error=error,
+                error_type=error_type,
+                job_id=job_id,
+                worker_id=worker_id,
+                attempt=attempt,
+            ),
+        )
+        return len(rows) == 1
+
+    # --- maintenance ------------------------------------------------------------------------------
+    def requeue_expired(self) -> int:
+        """Expired leases: canceled if cancellation was requested, else back to queued
+        (same priority and seq) while attempts remain, else failed with
+        ``runner_disconnected``. Rows another process is handling right now are skipped
+        (the next call sees them). Returns how many jobs changed."""
+        now = self._clock()
+        expired = (
+            "seq IN (SELECT seq FROM jobs WHERE status = 'running' AND lease_until < %(now)s"
+            " AND {condition} FOR UPDATE SKIP LOCKED)"
+        )
+        with self._connection() as conn:
+            canceled = conn.execute(
+                _closing(
+                    "UPDATE jobs SET status = 'canceled', error = %(error)s,"
+                    f" error_type = %(error_type)s, {_FINAL_COLUMNS}"
+                    f" WHERE {expired.format(condition='cancel_requested')}"
+                ),
+                self._closing_params(now, "WARN", "canceled"),
+            ).fetchall()
+            failed = conn.execute(
+                _closing(
+                    "UPDATE jobs SET status = 'failed', error = %(lost)s,"
+                    f" error_type = %(lost_type)s, {_FINAL_COLUMNS}"
+                    f" WHERE {expired.format(condition='attempts >= max_attempts')}"
+                ),
+                self._closing_params(
+                    now,
+                    "ERROR",
+                    "worker lost; no attempts left",
+                    lost=WORKER_LOST_ERROR,
+                    lost_type=WORKER_LOST_ERROR_TYPE,
+                ),
+            ).fetchall()
+            requeued = conn.execute(
+                "WITH requeued AS (UPDATE jobs SET status = 'queued', lease_owner = NULL,"
+                " lease_until = NULL, started_at = NULL, progress_step = NULL,"
+                " progress_total = NULL"
+                f" WHERE {expired.format(condition='NOT cancel_requested')} RETURNING id),"
+                " logged AS (INSERT INTO job_events (job_id, at, level, message)"
+                "   SELECT id, %(now)s, 'WARN', 'worker lost; retrying' FROM requeued)"
+                " SELECT id FROM requeued",
+                {"now": now},
+            ).fetchall()
+            if requeued:
+                conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        return len(canceled) + len(failed) + len(requeued)
+
+    def expire_unstarted(self) -> int:
+        with self._connection() as conn:
+            return self._expire_unstarted(conn, self._clock())
+
+    def _expire_unstarted(self, conn: Connection, now: float) -> int:
+        rows = conn.execute(
+            _closing(
+                "UPDATE jobs SET status = 'failed', error = %(timeout)s,"
+                f" error_type = %(timeout_type)s, {_FINAL_COLUMNS}"
+                " WHERE seq IN (SELECT seq FROM jobs WHERE status = 'queued'"
+                "   AND start_deadline_at IS NOT NULL AND start_deadline_at < %(now)s"
+                "   FOR UPDATE SKIP LOCKED)"
+            ),
+            self._closing_params(
+                now,
+                "ERROR",
+                f"failed: {START_TIMEOUT_ERROR}",
+                timeout=START_TIMEOUT_ERROR,
+                timeout_type=START_TIMEOUT_ERROR_TYPE,
+            ),
+        ).fetchall()
+        return len(rows)
+
+    def purge_expired(self, limit: int = 500) -> list[PurgedJob]:
+        """Deletes up to ``limit`` finished jobs past ``expires_at`` (oldest expiry first);
+        their events and outbox rows go with them (``ON DELETE CASCADE``). Call it again
+        while it returns ``limit`` jobs."""
+        rows = self._fetchall(
+            "WITH purged AS (DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs"
+            "   WHERE expires_at <= %s ORDER BY expires_at, seq LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " RETURNING id, result, expires_at, seq)"
+            " SELECT id, result FROM purged ORDER BY expires_at, seq",
+            (self._clock(), limit),
+        )
+        return [PurgedJob(id=row["id"], file_keys=file_keys_of(row["result"])) for row in rows]
+
+    @staticmethod
+    def _insert_event(
+        conn: Connection,
+        job_id: str,
+        at: float,
+        level: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+    ) -> bool:
+        """Appends an event after locking its job's row; ``False`` if there is no such job."""
+        row = conn.execute(
+            "WITH job AS (SELECT id FROM jobs WHERE id = %s FOR NO KEY UPDATE)"
+            " INSERT INTO job_events (job_id, at, level, message, data)"
+            " SELECT id, %s, %s, %s, %s FROM job RETURNING id",
+            (job_id, at, level, message, Jsonb(data or {})),
+        ).fetchone()
+        return row is not None
+
+    # --- webhook outbox ---------------------------------------------------------------------------
+    def claim_webhooks(self, claimer: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
+        """Due deliveries (not delivered, not given up), leased to ``claimer`` for ``lease_s``.
+        Rows under an unexpired claim, or being claimed by another process right now, are
+        not handed out: each delivery goes to one API process."""
+        now = self._clock()
+        rows = self._fetchall(
+            "UPDATE webhook_outbox SET claimed_by = %(claimer)s, claimed_until = %(until)s"
+            " WHERE id IN (SELECT id FROM webhook_outbox"
+            "   WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= %(now)s"
+            "   AND (claimed_until IS NULL OR claimed_until < %(now)s)"
+            "   ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+            " RETURNING id, job_id, url, attempts, next_attempt_at",
+            {"claimer": claimer, "until": now + lease_s, "now": now, "limit": limit},
+        )
+        deliveries = [
+            WebhookDelivery(
+                id=row["id"],
+                job_id=row["job_id"],
+                url=row["url"],
+                attempts=row["attempts"],
+                next_attempt_at=row["next_attempt_at"],
+            )
+            for row in rows
+        ]
+        return sorted(deliveries, key=lambda d: (d.next_attempt_at, d.id))
+
+    def webhook_delivered(self, delivery_id: int) -> None:
+        self._rowcount(
+            "UPDATE webhook_outbox SET delivered_at = %s, attempts = attempts + 1,"
+            " claimed_by = NULL, claimed_until = NULL WHERE id = %s",
+            (self._clock(), delivery_id),
+        )
+
+    def webhook_retry(self, delivery_id: int, next_attempt_at: float, error: str) -> None:
+        """A failed attempt: ``attempts + 1``, due again at ``next_attempt_at``, claim released."""
+        self._rowcount(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = %s,"
+            " last_error = %s, claimed_by = NULL, claimed_until = NULL WHERE id = %s",
+            (next_attempt_at, error, delivery_id),
+        )
+
+    def webhook_give_up(self, delivery_id: int, error: str) -> None:
+        """The last failed attempt: ``attempts + 1``; the row is never due again."""
+        self._rowcount(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, gave_up_at = %s,"
+            " last_error = %s, claimed_by = NULL, claimed_until = NULL WHERE id = %s",
+            (self._clock(), error, delivery_id),
+        )
+
+    # --- API keys ---------------------------------------------------------------------------------
+    def create_api_key(self, key_id: str, name: str, key_hash: str) -> ApiKey:
+        """Store a key by its hash (the caller hashes). ``StoreError`` if id or hash exists."""
+        with self._connection() as conn:
+            try:
+                row = conn.execute(
+                    "INSERT INTO api_keys (id, name, key_hash, created_at)"
+                    " VALUES (%s, %s, %s, %s) RETURNING *",
+                    (key_id, name, key_hash, self._clock()),
+                ).fetchone()
+            except pg_errors.UniqueViolation as exc:
+                raise StoreError(f"cannot create API key {key_id!r}: {exc}") from exc
+        assert row is not None  # INSERT ... RETURNING returns the row
+        return _api_key_from_row(row)
+
+    def find_api_key(self, key_hash: str) -> ApiKey | None:
+        row = self._fetchone(
+            "SELECT * FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL", (key_hash,)
+        )
+        return None if row is None else _api_key_from_row(row)
+
+    def list_api_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones included, oldest first."""
+        rows = self._fetchall('SELECT * FROM api_keys ORDER BY created_at, id COLLATE "C"')
+        return [_api_key_from_row(row) for row in rows]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """``True`` if an active key with this id was revoked now; ``False`` if there is no
+        such key or it was already revoked."""
+        return (
+            self._rowcount(
+                "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL",
+                (self._clock(), key_id),
+            )
+            == 1
+        )
+
+    def has_api_keys(self) -> bool:
+        row = self._fetchone(
+            "SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL) AS any"
+        )
+        return row is not None and bool(row["any"])

@@ -1,0 +1,13 @@
+"""Exit codes of a worker process, shared with the supervisor that restarts it.
+
+Import-light on purpose: the supervisor lives in the API process, which never imports torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXIT_DRAINED", "EXIT_EXECUTION_TIMEOUT"]
+
+EXIT_DRAINED = 0  # SIGTERM: the job in hand was finished or handed back
+# A job ran past ``job_timeout_s``; it was failed and the process ended because a stuck CUDA
+# call cannot be interrupted. sysexits' EX_TEMPFAIL: a fresh process will do.
+EXIT_EXECUTION_TIMEOUT = 75

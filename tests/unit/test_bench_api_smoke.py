@@ -1,0 +1,78 @@
+"""A smoke run of ``kontext-server bench-api`` with tiny counts: every figure is there and
+measured. Timing is not asserted (the figures of a tiny run on a shared machine mean
+nothing); the real run is ``make bench-api`` / docs/performance.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from kontext_server.cli import app
+
+TINY_RUN = [
+    "bench-api",
+    "--clients", "2",
+    "--duration-s", "0.3",
+    "--warmup-s", "0.1",
+    "--pollers", "4",
+    "--running-jobs", "2",
+    "--queued-jobs", "50",
+    "--queue-samples", "5",
+    "--start-samples", "2",
+    "--overhead-jobs", "2",
+    "--image-side-px", "64",
+]  # fmt: skip
+TARGET_METRICS = {
+    "submit_throughput_ratio",
+    "status_p99_ms",
+    "queue_position_p99_ms",
+    "submit_to_running_p99_ms",
+    "job_overhead_p50_ms",
+}
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder: Path = tmp_path_factory.mktemp("bench-api")
+    result = CliRunner().invoke(app, [*TINY_RUN, "--dir", str(folder)])
+    assert result.exit_code == 0, result.output
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
+def test_every_target_has_a_measured_value_and_a_verdict(figures: dict[str, Any]) -> None:
+    assert {target["metric"] for target in figures["targets"]} == TARGET_METRICS
+    for target in figures["targets"]:
+        assert isinstance(target["passed"], bool)
+        assert target["measured"] == target["measured"]  # not NaN
+    assert figures["all_targets_met"] == all(t["passed"] for t in figures["targets"])
+
+
+def test_both_servers_answered_every_submit(figures: dict[str, Any]) -> None:
+    throughput = figures["submit_throughput"]
+    for app_name in ("kontext", "bare_fastapi"):
+        assert throughput[app_name]["requests_per_s"] > 0
+        assert throughput[app_name]["unexpected_statuses"] == 0
+    assert throughput["ratio"] > 0
+
+
+def test_status_pollers_saw_queued_and_running_requests(figures: dict[str, Any]) -> None:
+    status = figures["status_latency"]["kontext"]
+    assert status["p50_ms"] > 0
+    assert status["p99_ms"] >= status["p50_ms"]
+    assert status["unexpected_statuses"] == 0
+    assert status["polled_running"] == 2
+    assert status["polled_queued"] == 2
+
+
+def test_queue_start_and_overhead_figures_are_measured(figures: dict[str, Any]) -> None:
+    assert figures["queue_position"]["queued_jobs"] == 50
+    assert figures["queue_position"]["worst_p99_ms"] > 0
+    assert figures["submit_to_running"]["samples"] == 2
+    assert figures["submit_to_running"]["from_created"]["p50_ms"] > 0
+    assert figures["job_overhead"]["jobs"] == 2
+    assert figures["job_overhead"]["p50_ms"] > 0
