@@ -85,7 +85,15 @@ class _Slot:
 class WorkerSupervisor:
     """Keeps one process per ``WorkerSpec`` alive, with backoff on repeated crashes."""
 
-    def __init__(self, specs: Sequence[WorkerSpec], *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        specs: Sequence[WorkerSpec],
+        *,
+        poll_s: float = 0.5,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        """``on_exit(pid)`` runs for every worker that ended (e.g. to drop its metrics)."""
+        self._on_exit = on_exit
         self._slots = [_Slot(spec) for spec in specs]
         self._poll_s = poll_s
         self._stop = threading.Event()
@@ -140,6 +148,8 @@ class WorkerSupervisor:
                 slot.restarts = 0  # healthy for a minute: forget earlier crashes
             return
         if proc is not None:
+            if self._on_exit is not None:
+                self._on_exit(proc.pid)
             self._schedule_restart(slot, proc, now)
         if now >= slot.next_start_at and not self._stop.is_set():
             self._spawn(slot)

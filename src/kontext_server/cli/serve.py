@@ -106,14 +106,16 @@ def run_server(
     metrics_dir = settings.data_dir / "metrics"
     prepare_multiprocess_dir(metrics_dir)
 
+    from prometheus_client.multiprocess import mark_process_dead
+
     from kontext_server.files import open_file_store
     from kontext_server.http.app import create_app
-    from kontext_server.store import open_store
+    from kontext_server.store import open_configured_store
     from kontext_server.supervisor import WorkerSupervisor, visible_gpus, worker_specs
     from kontext_server.webhooks.signing import WebhookSigner
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.store_url())  # creates the schema before any worker starts
+    store = open_configured_store(settings)  # creates the schema before any worker starts
     if not is_loopback_host(settings.host) and not store.has_api_keys():
         if not settings.insecure_no_auth:
             raise typer.BadParameter(
@@ -127,10 +129,13 @@ def run_server(
     signer = WebhookSigner.load_or_create(settings.data_dir / "webhook-ed25519.pem")
     gpus = visible_gpus(os.environ)
     count = settings.workers if settings.workers is not None else max(1, len(gpus))
-    supervisor = WorkerSupervisor(worker_specs(count, gpus, worker_argv(settings)))
+    supervisor = WorkerSupervisor(
+        worker_specs(count, gpus, worker_argv(settings)),
+        on_exit=lambda pid: mark_process_dead(pid, str(metrics_dir)),  # type: ignore[no-untyped-call]
+    )
 
     def stop_workers() -> None:
-        supervisor.stop(timeout_s=settings.drain_timeout_s + 5)
+        supervisor.stop(timeout_s=settings.drain_timeout_s + 15)
 
     def a_worker_is_alive() -> str | None:
         if count and not supervisor.pids:

@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 BUSY_TIMEOUT_MS = 10_000
-WORK_POLL_INTERVAL_S = 0.1  # wait_for_work's look at the table when no in-process signal came
+WORK_POLL_INTERVAL_S = 0.02  # wait_for_work's look at the table when no in-process signal came
 
 _FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
 _FENCE = "id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"

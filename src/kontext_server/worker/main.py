@@ -17,10 +17,13 @@ import uuid
 from types import FrameType
 from typing import Any
 
+from prometheus_client import start_http_server
+
 from kontext_server.config import Settings
 from kontext_server.fetch import SafeFetcher
 from kontext_server.files import open_file_store
-from kontext_server.store import open_store
+from kontext_server.metrics import JobMetrics
+from kontext_server.store import open_configured_store
 from kontext_server.worker.runner import JobRunner, RunnerLimits
 
 __all__ = ["make_fetcher", "run_until_signalled", "run_worker", "runner_limits"]
@@ -53,7 +56,11 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     from kontext_server.worker.pipeline import KontextPipeline  # torch lives behind this line
 
     worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-    store = open_store(settings.store_url())
+    metrics = JobMetrics()
+    metrics.worker_started()
+    if settings.metrics_port is not None:  # a remote worker: Prometheus scrapes it directly
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    store = open_configured_store(settings)
     files = open_file_store(settings.files_url(), settings)
     pipeline = KontextPipeline.from_settings(settings)
     runner = JobRunner(
@@ -64,6 +71,7 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
         worker_id=worker_id,
         limits=runner_limits(settings),
         model_name=settings.model,
+        metrics=metrics,
     )
     log.info("worker %s ready (model %s)", worker_id, settings.model)
     try:

@@ -40,6 +40,8 @@ from kontext_server.errors import EditCancelled, InputError
 from kontext_server.fetch import SafeFetcher, load_image_bytes
 from kontext_server.files.base import FileStore, new_file_key
 from kontext_server.jobs import Job, JobStatus, Progress
+from kontext_server.logs import request_context
+from kontext_server.metrics import JobMetrics
 from kontext_server.store.base import JobStore
 from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
 
@@ -56,6 +58,7 @@ class RunnerLimits:
     lease_s: float = 20.0
     heartbeat_s: float = 2.0
     claim_poll_s: float = 0.02
+    idle_wait_s: float = 0.5  # longest wait for work between claims when idle (woken earlier)
     progress_interval_s: float = 0.1  # progress writes are throttled, the last step never is
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -145,12 +148,15 @@ class JobRunner:
         limits: RunnerLimits | None = None,
         model_name: str = "",
         exit_process: Callable[[int], object] = os._exit,
+        metrics: JobMetrics | None = None,
     ) -> None:
         self.store, self.files, self.pipeline, self.fetcher = store, files, pipeline, fetcher
         self.worker_id = worker_id
         self.limits = limits or RunnerLimits()
         self.model_name = model_name
         self._exit_process = exit_process
+        self.metrics = metrics
+        self._last_edit: EditResult | None = None  # the current job's, for metrics
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="worker-io")
         # Written by ``drain`` (possibly from a signal handler), read by the loop: a plain
         # attribute, no lock, because a handler must never wait on a lock its thread holds.
@@ -162,7 +168,9 @@ class JobRunner:
         stop = stop or threading.Event()
         while not stop.is_set() and not self.draining:
             if not self.run_next():
-                stop.wait(self.limits.claim_poll_s)
+                # Returns as soon as work may be there (PostgreSQL NOTIFY, SQLite polling
+                # every few ms), so an idle worker starts a new job quickly.
+                self.store.wait_for_work(self.limits.idle_wait_s)
 
     def run_next(self) -> bool:
         """Claim one job and run it; False when nothing was queued."""
@@ -200,12 +208,22 @@ class JobRunner:
         """Run one claimed job to its end: finished (fenced), or handed back when a drain
         ran out of time. An execution timeout ends the process from the lease thread."""
         started = time.perf_counter()
-        with _Lease(self.store, job, self.worker_id, self.limits, self._time_out) as lease:
+        self._last_edit = None
+        if self.metrics:
+            self.metrics.job_started(job)
+        with (
+            request_context(job.id),
+            _Lease(self.store, job, self.worker_id, self.limits, self._time_out) as lease,
+        ):
             status, fields = self._execute(job, lease)
             lease.work_returned.set()
             if lease.lost.is_set():
                 return  # another attempt owns the job now; our write would be refused anyway
             recorded = self._record(job, status, fields)
+            if self.metrics and recorded and status is not JobStatus.QUEUED:
+                run_s = time.perf_counter() - started
+                error_type = fields.get("error_type")
+                self.metrics.job_finished(job, status, error_type, run_s, self._last_edit)
         log.info(
             "job %s %s in %.3f s%s",
             job.id,
@@ -260,6 +278,7 @@ class JobRunner:
                 on_step=self._progress_reporter(job),
                 should_cancel=lambda: self._should_stop(job, lease),
             )
+            self._last_edit = result
             return JobStatus.SUCCEEDED, {"result": self._publish(job, request, result)}
         except EditCancelled:
             if self._drain_time_is_up() and not self.store.is_cancel_requested(job.id):
