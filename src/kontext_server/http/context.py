@@ -28,14 +28,14 @@ class ApiContext:
     max_data_uri_bytes: int  # decoded size of one data: URI image
 
 
-def api_context(request: Request) -> ApiContext:
+async def api_context(request: Request) -> ApiContext:
     return cast(ApiContext, request.app.state.context)
 
 
 Context = Annotated[ApiContext, Depends(api_context)]
 
 
-def caller(request: Request, context: Context) -> Principal:
+async def caller(request: Request, context: Context) -> Principal:
     """Authenticates the request (raises ``AuthError``, answered 401/403)."""
     client_host = request.client.host if request.client else None
     return context.authenticator.authenticate(request.headers.get("authorization"), client_host)

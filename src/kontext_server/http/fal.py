@@ -82,7 +82,7 @@ class _QueueRoutes:
         body = submit_body(outcome.job, self._urls(request, outcome.job), outcome.queue_position)
         return JSONResponse(body, headers={REQUEST_ID_HEADER: outcome.job.id})
 
-    def status(
+    async def status(
         self,
         endpoint: str,
         request_id: str,
@@ -191,7 +191,10 @@ async def _submit(
         retry=options.retry,
         retention_s=options.retention_s,
     )
-    return await run_in_threadpool(submit)
+    # On the event loop, not the thread pool: the insert takes well under a millisecond, and
+    # each thread-pool hop cost submits a third of their throughput and status polls their
+    # p99 (GIL hand-offs under load; see docs/performance.md).
+    return submit()
 
 
 def _find(context: ApiContext, endpoint: str, request_id: str, owner: str | None) -> Job | None:

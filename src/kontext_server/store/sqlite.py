@@ -107,6 +107,8 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        engine=row["engine"],
+        upstream=_loads_or_none(row["upstream"]),
     )
 
 
@@ -155,6 +157,11 @@ class SQLiteJobStore:
         self._local = threading.local()
         self._connections_lock = threading.Lock()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        # Writers of this process queue on this lock instead of on SQLite's busy handler,
+        # which sleeps 1-100 ms between retries and leaves the database idle meanwhile (the
+        # API's submit throughput fell to a third under 16 concurrent submits). Other
+        # processes still meet busy_timeout.
+        self._write_lock = threading.RLock()
         self._pid = os.getpid()
         self._closed = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,19 +213,21 @@ class SQLiteJobStore:
         self._local = threading.local()
         self._connections_lock = threading.Lock()
         self._connections = []
+        self._write_lock = threading.RLock()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the database's write lock from its first statement."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # also after a failed COMMIT: never leave one open
-                conn.execute("ROLLBACK")
-            raise
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # also after a failed COMMIT: never leave one open
+                    conn.execute("ROLLBACK")
+                raise
 
     def _migrate(self) -> None:
         with self._write() as conn:
@@ -266,8 +275,8 @@ class SQLiteJobStore:
                 row = conn.execute(
                     "INSERT INTO jobs (id, owner, endpoint, priority, status, max_attempts,"
                     " input, start_deadline_at, webhook_url, base_url, idempotency_key,"
-                    " retention_s, created_at)"
-                    " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                    " retention_s, created_at, engine)"
+                    " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                     (
                         job.id,
                         job.owner,
@@ -281,6 +290,7 @@ class SQLiteJobStore:
                         job.idempotency_key,
                         job.retention_s,
                         self._clock(),
+                        job.engine,
                     ),
                 ).fetchone()
             except sqlite3.IntegrityError as exc:
@@ -293,24 +303,27 @@ class SQLiteJobStore:
         return None if row is None else _job_from_row(row)
 
     def queue_position(self, job_id: str) -> int | None:
-        """Queued jobs ahead by (priority, seq). One statement, so one consistent snapshot.
-        Jobs of better priorities come from ``queue_counts``; within the job's priority the
+        """Queued jobs of the same engine ahead by (priority, seq). One statement, so one
+        consistent snapshot. Jobs of better priorities come from ``queue_counts``; within the
+        job's priority the
         partial queue index is counted from the nearer end of the line (a job near the back
         counts the few behind it and subtracts), so the cost is at most half the line."""
         row = (
             self._conn()
             .execute(
                 "SELECT"
-                " (SELECT coalesce(sum(queued), 0) FROM queue_counts WHERE priority < j.priority)"
-                " + CASE WHEN j.seq - (SELECT min(seq) FROM jobs"
-                "                      WHERE status = 'queued' AND priority = j.priority)"
-                "          <= (SELECT max(seq) FROM jobs"
-                "              WHERE status = 'queued' AND priority = j.priority) - j.seq"
-                "   THEN (SELECT count(*) FROM jobs"
-                "         WHERE status = 'queued' AND priority = j.priority AND seq < j.seq)"
-                "   ELSE (SELECT queued FROM queue_counts WHERE priority = j.priority) - 1"
-                "        - (SELECT count(*) FROM jobs"
-                "           WHERE status = 'queued' AND priority = j.priority AND seq > j.seq)"
+                " (SELECT coalesce(sum(queued), 0) FROM queue_counts"
+                "  WHERE engine = j.engine AND priority < j.priority)"
+                " + CASE WHEN j.seq - (SELECT min(seq) FROM jobs WHERE status = 'queued'"
+                "                      AND engine = j.engine AND priority = j.priority)"
+                "          <= (SELECT max(seq) FROM jobs WHERE status = 'queued'"
+                "              AND engine = j.engine AND priority = j.priority) - j.seq"
+                "   THEN (SELECT count(*) FROM jobs WHERE status = 'queued'"
+                "         AND engine = j.engine AND priority = j.priority AND seq < j.seq)"
+                "   ELSE (SELECT queued FROM queue_counts"
+                "         WHERE engine = j.engine AND priority = j.priority) - 1"
+                "        - (SELECT count(*) FROM jobs WHERE status = 'queued'"
+                "           AND engine = j.engine AND priority = j.priority AND seq > j.seq)"
                 "   END"
                 " FROM jobs AS j WHERE j.id = ? AND j.status = 'queued'",
                 (job_id,),
@@ -389,10 +402,10 @@ class SQLiteJobStore:
         return [_event_from_row(row) for row in rows]
 
     # --- worker side ------------------------------------------------------------------------------
-    def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Take the best queued job. Never starts a job past its start deadline: such jobs
-        are failed with ``request_timeout`` in the same transaction."""
-        if not self._anything_queued():
+    def claim(self, worker_id: str, lease_s: float, *, engine: str = "local") -> Job | None:
+        """Take the best queued job of ``engine``. Never starts a job past its start
+        deadline: such jobs are failed with ``request_timeout`` in the same transaction."""
+        if not self._anything_queued(engine):
             return None  # fast path: workers poll often; no write lock when idle
         with self._write() as conn:
             now = self._clock()
@@ -400,10 +413,10 @@ class SQLiteJobStore:
             row = conn.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
                 " lease_until = ?, started_at = ?, progress_step = NULL, progress_total = NULL"
-                " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued'"
+                " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' AND engine = ?"
                 "              ORDER BY priority, seq LIMIT 1)"
                 " RETURNING *",
-                (worker_id, now + lease_s, now),
+                (worker_id, now + lease_s, now, engine),
             ).fetchone()
             if row is None:
                 return None
@@ -411,20 +424,23 @@ class SQLiteJobStore:
             self._insert_event(conn, job.id, now, "INFO", f"started (attempt {job.attempts})")
         return job
 
-    def _anything_queued(self) -> bool:
+    def _anything_queued(self, engine: str) -> bool:
         row = (
             self._conn()
-            .execute("SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued')")
+            .execute(
+                "SELECT EXISTS (SELECT 1 FROM queue_counts WHERE engine = ? AND queued > 0)",
+                (engine,),
+            )
             .fetchone()
         )
         return bool(row[0])
 
-    def wait_for_work(self, timeout_s: float) -> None:
-        """Returns as soon as a job is queued (at once if one already is), or after
-        ``timeout_s``. Submits through this object wake it at once; others are seen by a
-        poll every ``WORK_POLL_INTERVAL_S``."""
+    def wait_for_work(self, timeout_s: float, *, engine: str = "local") -> None:
+        """Returns as soon as a job of ``engine`` is queued (at once if one already is), or
+        after ``timeout_s``. Submits through this object wake it at once; others are seen by
+        a poll every ``WORK_POLL_INTERVAL_S``."""
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        while not self._anything_queued():
+        while not self._anything_queued(engine):
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return
@@ -464,9 +480,20 @@ class SQLiteJobStore:
         return True
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
+        with self._write_lock:
+            cursor = self._conn().execute(
+                f"UPDATE jobs SET lease_until = ? WHERE {_FENCE}",
+                (self._clock() + lease_s, job_id, worker_id, attempt),
+            )
+        return cursor.rowcount == 1
+
+    def set_upstream(
+        self, job_id: str, worker_id: str, attempt: int, upstream: dict[str, Any]
+    ) -> bool:
+        """Fenced: replace the job's ``upstream`` record (kept across attempts)."""
         cursor = self._conn().execute(
-            f"UPDATE jobs SET lease_until = ? WHERE {_FENCE}",
-            (self._clock() + lease_s, job_id, worker_id, attempt),
+            f"UPDATE jobs SET upstream = ? WHERE {_FENCE}",
+            (_dumps(upstream), job_id, worker_id, attempt),
         )
         return cursor.rowcount == 1
 
@@ -501,7 +528,8 @@ class SQLiteJobStore:
     ) -> None:
         """Append a log line (not fenced). Raises ``StoreError`` for an unknown job."""
         try:
-            self._insert_event(self._conn(), job_id, self._clock(), level, message, data)
+            with self._write_lock:
+                self._insert_event(self._conn(), job_id, self._clock(), level, message, data)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot add an event to unknown job {job_id!r}") from exc
 
