@@ -36,13 +36,15 @@ from kontext_server.editing import (
     EncodedImage,
     OutputFormat,
 )
-from kontext_server.errors import EditCancelled, InputError
+from kontext_server.errors import EditCancelled, InputError, StoreError
 from kontext_server.fetch import SafeFetcher, load_image_bytes
 from kontext_server.files.base import FileStore, new_file_key
 from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.logs import request_context
 from kontext_server.metrics import JobMetrics
+from kontext_server.safety_policy import ContentSafety, SafetyPolicy, level_of
 from kontext_server.store.base import JobStore
+from kontext_server.uploads import read_own_file
 from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
 
 __all__ = ["EXECUTION_TIMEOUT_ERROR_TYPE", "JobRunner", "RunnerLimits"]
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CANCELLED_MESSAGE = "Request cancelled"
 EXECUTION_TIMEOUT_ERROR_TYPE = "execution_timeout"  # ours: fal has no word for it
+STORE_RETRY_S = 1.0  # pause of the worker loop while the job store is unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +152,11 @@ class JobRunner:
         model_name: str = "",
         exit_process: Callable[[int], object] = os._exit,
         metrics: JobMetrics | None = None,
+        safety: ContentSafety | None = None,
     ) -> None:
         self.store, self.files, self.pipeline, self.fetcher = store, files, pipeline, fetcher
+        # None: no image classifier, no prompt blocklist (has_nsfw_concepts all false)
+        self.safety = safety or ContentSafety(SafetyPolicy(), None)
         self.worker_id = worker_id
         self.limits = limits or RunnerLimits()
         self.model_name = model_name
@@ -167,10 +173,17 @@ class JobRunner:
         ``drain`` is called (the job in hand is finished or handed back)."""
         stop = stop or threading.Event()
         while not stop.is_set() and not self.draining:
-            if not self.run_next():
-                # Returns as soon as work may be there (PostgreSQL NOTIFY, SQLite polling
-                # every few ms), so an idle worker starts a new job quickly.
-                self.store.wait_for_work(self.limits.idle_wait_s)
+            try:
+                if not self.run_next():
+                    # Returns as soon as work may be there (PostgreSQL NOTIFY, SQLite polling
+                    # every few ms), so an idle worker starts a new job quickly.
+                    self.store.wait_for_work(self.limits.idle_wait_s)
+            except StoreError as exc:
+                # The job store is unreachable (a PostgreSQL restart or failover): keep the
+                # process and its loaded model, and try again. A job cut short by the outage
+                # keeps its lease until it expires; then it is re-queued (fenced writes).
+                log.warning("%s; the worker retries in %g s", exc, STORE_RETRY_S)
+                stop.wait(STORE_RETRY_S)
 
     def run_next(self) -> bool:
         """Claim one job and run it; False when nothing was queued."""
@@ -278,8 +291,9 @@ class JobRunner:
                 on_step=self._progress_reporter(job),
                 should_cancel=lambda: self._should_stop(job, lease),
             )
+            result, nsfw_flags = self._screen_outputs(job, result)
             self._last_edit = result
-            return JobStatus.SUCCEEDED, {"result": self._publish(job, request, result)}
+            return JobStatus.SUCCEEDED, {"result": self._publish(job, request, result, nsfw_flags)}
         except EditCancelled:
             if self._drain_time_is_up() and not self.store.is_cancel_requested(job.id):
                 return JobStatus.QUEUED, {}
@@ -298,23 +312,27 @@ class JobRunner:
 
     def _build_request(self, job: Job, lease: _Lease) -> EditRequest:
         data = job.input
-        sources: list[str] = data["image_urls"] if "image_urls" in data else [data["image_url"]]
+        sources = _image_sources(data)
         if self._should_stop(job, lease):
             raise EditCancelled(job.id)
-        self.store.add_event(job.id, f"loading {len(sources)} reference image(s)")
+        self.safety.check_prompt(data["prompt"], level_of(data))
+        self.store.add_event(job.id, _loading_message(len(sources)))
         images = list(self._io.map(self._load_image, sources))
+        self.safety.check_inputs(images, level_of(data))
         if data.get("enhance_prompt"):
             self.store.add_event(
                 job.id,
                 "enhance_prompt: no prompt upsampler is configured; the prompt is used as given",
                 level="WARN",
             )
+        self._note_acceleration(job)
         if self.pipeline.random_weights:
             self.store.add_event(
                 job.id,
                 f"model {self.model_name or '(random)'} has random weights: outputs are noise",
                 level="WARN",
             )
+        aspect_ratio, match_input_size = _output_sizing(data)
         fmt: OutputFormat = "png" if data.get("output_format") == "png" else "jpeg"
         return EditRequest(
             prompt=data["prompt"],
@@ -322,13 +340,30 @@ class JobRunner:
             seed=data.get("seed"),
             guidance_scale=float(data.get("guidance_scale", 3.5)),
             num_images=int(data.get("num_images", 1)),
-            aspect_ratio=data.get("aspect_ratio"),
+            aspect_ratio=aspect_ratio,
             num_inference_steps=data.get("num_inference_steps"),
             output_format=fmt,
+            match_input_size=match_input_size,
         )
 
+    def _note_acceleration(self, job: Job) -> None:
+        """fal [dev]'s ``acceleration`` is stored with the input; this engine has no
+        acceleration settings yet, so anything but "none" is logged and the edit runs as
+        usual."""
+        acceleration = job.input.get("acceleration", "none")
+        if acceleration != "none":
+            self.store.add_event(
+                job.id,
+                f"acceleration {acceleration!r}: this engine has no acceleration settings yet; "
+                "the edit runs at full quality",
+            )
+
     def _load_image(self, source: str) -> Image.Image:
-        raw = load_image_bytes(source, self.fetcher, max_bytes=self.limits.max_image_bytes)
+        # This server's own files (uploads, earlier outputs) are read from the file store:
+        # no HTTP round trip, and no loopback fetch for the SSRF guard to refuse.
+        raw = read_own_file(source, self.files, max_bytes=self.limits.max_image_bytes)
+        if raw is None:
+            raw = load_image_bytes(source, self.fetcher, max_bytes=self.limits.max_image_bytes)
         return imaging.decode_image(raw, max_pixels=self.limits.max_image_pixels)
 
     def _progress_reporter(self, job: Job) -> Callable[[int, int], None]:
@@ -344,7 +379,20 @@ class JobRunner:
 
         return report
 
-    def _publish(self, job: Job, request: EditRequest, result: EditResult) -> dict[str, Any]:
+    def _screen_outputs(self, job: Job, result: EditResult) -> tuple[EditResult, list[bool]]:
+        """Flagged outputs become black images of the same size (content policy)."""
+        screened, flags = self.safety.screen_outputs(result, level_of(job.input))
+        for index in (i for i, flagged in enumerate(flags) if flagged):
+            self.store.add_event(
+                job.id,
+                f"output image {index + 1} was replaced by a black image (content policy)",
+                level="WARN",
+            )
+        return screened, flags
+
+    def _publish(
+        self, job: Job, request: EditRequest, result: EditResult, nsfw_flags: list[bool]
+    ) -> dict[str, Any]:
         """Store the images (or inline them for sync_mode) and build ``Job.result``."""
         inline = bool(job.input.get("sync_mode"))
         images = [
@@ -355,7 +403,7 @@ class JobRunner:
             "images": images,
             "timings": result.timings,
             "seed": result.seed,
-            "has_nsfw_concepts": [False] * len(images),
+            "has_nsfw_concepts": nsfw_flags,
             "prompt": request.prompt,
             "random_weights": result.random_weights,
         }
@@ -380,3 +428,33 @@ class JobRunner:
             entry |= {"file_key": key, "url": None}
         entry["file_name"] = name
         return entry
+
+
+def _image_sources(job_input: dict[str, Any]) -> list[str]:
+    """The reference images of a stored input: ``image_urls``, ``image_url``, or none
+    (text-to-image endpoints)."""
+    if "image_urls" in job_input:
+        return list(job_input["image_urls"])
+    if "image_url" in job_input:
+        return [job_input["image_url"]]
+    return []
+
+
+def _loading_message(count: int) -> str:
+    if count == 0:
+        return "text-to-image: no reference image"
+    return f"loading {count} reference image(s)"
+
+
+def _output_sizing(job_input: dict[str, Any]) -> tuple[str | None, bool]:
+    """``(aspect_ratio, match_input_size)`` for the engine. fal [dev]'s ``resolution_mode``:
+    "auto" is the bucket nearest the input (no aspect ratio), "match_input" the input's own
+    size, a ratio is that ratio at ~1 MP. Other endpoints carry ``aspect_ratio`` as is."""
+    mode = job_input.get("resolution_mode")
+    if mode is None:
+        return job_input.get("aspect_ratio"), False
+    if mode == "match_input":
+        return None, True
+    if mode == "auto":
+        return None, False
+    return str(mode), False
