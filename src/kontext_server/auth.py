@@ -7,6 +7,10 @@ database useless for calling the API. ``Authenticator`` decides who a request is
   ignored (the official clients always send one) and only loopback clients are accepted,
   unless the operator said ``insecure_no_auth``;
 * with keys, ``Authorization: Key <key>`` or ``Bearer <key>`` must name an active key.
+
+A client (by address) that sends more than ``auth_max_failures`` wrong keys within
+``auth_failure_window_s`` is refused (429 with ``Retry-After``) for ``auth_lockout_s``, even
+with a right key: guessing keys costs the guesser time, not the server. Keys are never logged.
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import threading
+import time
 import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from kontext_server.config import Settings
 from kontext_server.errors import KontextError
 from kontext_server.jobs import ApiKey
 from kontext_server.store.base import JobStore
@@ -25,6 +34,7 @@ from kontext_server.store.base import JobStore
 __all__ = [
     "AuthError",
     "Authenticator",
+    "BadKeyThrottle",
     "Principal",
     "create_api_key",
     "hash_api_key",
@@ -36,12 +46,14 @@ _SCHEMES = ("key", "bearer")
 
 
 class AuthError(KontextError):
-    """The request may not proceed; ``status_code`` is 401 (who are you) or 403 (not here)."""
+    """The request may not proceed; ``status_code`` is 401 (who are you), 403 (not here) or
+    429 (too many wrong keys from this client: ``retry_after_s`` says when to come back)."""
 
-    def __init__(self, status_code: int, detail: str) -> None:
+    def __init__(self, status_code: int, detail: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +94,90 @@ def is_loopback_client(host: str | None) -> bool:
         return host == "localhost"
 
 
+class BadKeyThrottle:
+    """Counts wrong keys per client address and refuses a client that sent too many.
+
+    More than ``max_failures`` failures within ``window_s`` lock the client out for
+    ``lockout_s``. At most ``max_clients`` addresses are remembered (the oldest are forgotten
+    first), so a flood of addresses cannot grow memory without bound. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_failures: int = 10,
+        window_s: float = 60.0,
+        lockout_s: float = 60.0,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_failures, self.window_s, self.lockout_s = max_failures, window_s, lockout_s
+        self._max_clients = max_clients
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._locked_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BadKeyThrottle:
+        return cls(
+            max_failures=settings.auth_max_failures,
+            window_s=settings.auth_failure_window_s,
+            lockout_s=settings.auth_lockout_s,
+        )
+
+    def check(self, client: str | None) -> None:
+        """Raises ``AuthError(429)`` with ``retry_after_s`` while ``client`` is locked out."""
+        with self._lock:
+            until = self._locked_until.get(client or "")
+            now = self._clock()
+            if until is None or until <= now:
+                self._locked_until.pop(client or "", None)
+                return
+        retry_after_s = max(1, int(until - now + 0.999))
+        raise AuthError(
+            429,
+            f"Too many invalid API keys from this client (more than {self.max_failures} in "
+            f"{self.window_s:g} s); retry after {retry_after_s} s with a valid key",
+            retry_after_s=retry_after_s,
+        )
+
+    def record_failure(self, client: str | None) -> None:
+        """Count one wrong key; the failure past ``max_failures`` starts the lockout."""
+        name = client or ""
+        with self._lock:
+            now = self._clock()
+            failures = self._failures.pop(name, None) or deque()
+            failures.append(now)
+            while failures and failures[0] <= now - self.window_s:
+                failures.popleft()
+            self._failures[name] = failures  # now the most recent
+            if len(failures) > self.max_failures:
+                self._locked_until[name] = now + self.lockout_s
+                failures.clear()
+            while len(self._failures) > self._max_clients:
+                self._failures.popitem(last=False)
+
+
 class Authenticator:
     """Turns a request's ``Authorization`` header and client address into a ``Principal``."""
 
-    def __init__(self, store: JobStore, *, insecure_no_auth: bool = False) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        insecure_no_auth: bool = False,
+        throttle: BadKeyThrottle | None = None,
+    ) -> None:
         self._store = store
         self._insecure_no_auth = insecure_no_auth
+        self.throttle = throttle or BadKeyThrottle()
 
     def authenticate(self, authorization: str | None, client_host: str | None) -> Principal:
-        """Raises ``AuthError`` (401 or 403) with a message that says what to do."""
+        """Raises ``AuthError`` (401, 403 or 429) with a message that says what to do."""
         if not self._store.has_api_keys():
             return self._without_keys(client_host)
+        self.throttle.check(client_host)
         key = key_from_authorization(authorization)
         if key is None:
             raise AuthError(
@@ -101,6 +186,7 @@ class Authenticator:
         api_key = self._store.find_api_key(hash_api_key(key))
         # The lookup is by hash; confirming the id part in constant time costs nothing.
         if api_key is None or (":" in key and not _same(api_key.id, key.partition(":")[0])):
+            self.throttle.record_failure(client_host)
             raise AuthError(401, "Invalid API key: it is unknown or has been revoked")
         return Principal(owner=api_key.id)
 

@@ -82,21 +82,64 @@ class Settings(BaseSettings):
     # use). Give every API node the same value when several machines serve one queue.
     upload_secret: SecretStr | None = None
 
+    # --- content safety (docs/security.md) -------------------------------------------------
+    # a local transformers image-classification folder; None: images are not screened
+    safety_model: Path | None = None
+    safety_device: str | None = None  # None: cpu (the classifier is small)
+    # comma-separated in the environment; labels whose probabilities add up to the NSFW score
+    safety_nsfw_labels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["nsfw", "porn", "hentai", "sexy", "explicit"]
+    )
+    # NSFW score thresholds of safety_tolerance 1..6 (1 strictest; 6 is the hard floor)
+    safety_thresholds: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.20, 0.35, 0.50, 0.65, 0.80, 0.95]
+    )
+    safety_prompt_blocklist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    safety_blocklist_max_level: int = 2  # the blocklist applies at safety_tolerance <= this
+
+    # --- abuse limits ------------------------------------------------------------------------
+    auth_max_failures: int = 10  # bad keys from one client within the window ...
+    auth_failure_window_s: float = 60.0
+    auth_lockout_s: float = 60.0  # ... refuse it (429 + Retry-After) this long
+    max_streams_per_key: int = 10  # open SSE status streams per API key; 429 past this
+
     # --- webhooks --------------------------------------------------------------------------
     webhook_max_attempts: int = 10
     webhook_timeout_s: float = 15.0
+
+    # --- engines (docs/bfl-engine.md) ----------------------------------------------------------
+    # endpoint id -> "local" (diffusers on our workers) or "bfl" (Black Forest Labs' API), as
+    # JSON: KONTEXT_ENGINES='{"fal-ai/flux-pro/kontext/max": "bfl"}'. Unlisted: local.
+    engines: dict[str, Literal["local", "bfl"]] = Field(default_factory=dict)
+    bfl_base_url: str = "https://api.bfl.ai"
+    bfl_api_key: SecretStr | None = None  # sent as x-key to BFL only; never logged or returned
+    bfl_max_in_flight: int = Field(default=8, ge=1)  # BFL limits concurrent tasks per key
+    bfl_poll_initial_s: float = 0.5  # first wait between polls of a task; grows to the max
+    bfl_poll_max_s: float = 5.0
+    bfl_request_timeout_s: float = 30.0  # one HTTP request to BFL
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with request_id
     metrics_port: int | None = None  # `worker` only: serve its own /metrics on this port
     metrics_host: str = "127.0.0.1"  # ... bound to this address
 
-    @field_validator("fetch_allow_hosts", "fetch_allow_ports", mode="before")
+    @field_validator(
+        "fetch_allow_hosts",
+        "fetch_allow_ports",
+        "safety_nsfw_labels",
+        "safety_thresholds",
+        "safety_prompt_blocklist",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def engine_for(self, endpoint: str) -> str:
+        """The engine that runs jobs of ``endpoint``: ``"local"`` unless ``engines`` says."""
+        return self.engines.get(endpoint, "local")
 
     def store_url(self) -> str:
         return self.store or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"

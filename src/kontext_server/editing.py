@@ -15,7 +15,8 @@ OutputFormat = Literal["jpeg", "png"]
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One edit. ``images`` are decoded RGB references (one, or several for /multi)."""
+    """One edit. ``images`` are decoded RGB references: one, several for /multi, or none for
+    text-to-image (the output is then ``aspect_ratio``, default 1:1, at ~1 MP)."""
 
     prompt: str
     images: list[Image.Image]
@@ -25,6 +26,9 @@ class EditRequest:
     aspect_ratio: str | None = None  # "W:H"; None: follow the (first) input
     num_inference_steps: int | None = None  # None: the model's default
     output_format: OutputFormat = "jpeg"
+    # True: the output keeps the first input's own size (fal [dev]'s resolution_mode
+    # "match_input"); only without aspect_ratio. See sizing.output_size.
+    match_input_size: bool = False
 
 
 @dataclass(frozen=True)

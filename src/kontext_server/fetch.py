@@ -425,12 +425,21 @@ class SafeFetcher:
 
     # --- public ------------------------------------------------------------------------------
 
-    def fetch(self, url: str, *, max_bytes: int | None = None, label: str = "image_url") -> bytes:
+    def fetch(
+        self,
+        url: str,
+        *,
+        max_bytes: int | None = None,
+        label: str = "image_url",
+        image_only: bool = False,
+    ) -> bytes:
         """GET ``url`` and return its body, following up to ``max_redirects`` checked hops.
 
         ``max_bytes`` overrides the fetcher's cap for this call; ``label`` names the URL in
-        error messages. Raises URLNotAllowedError when the address policy refuses the URL or a
-        hop, ImageFetchError on a network error, HTTP status >= 300 (after redirects), time or
+        error messages; ``image_only`` refuses a body whose declared ``Content-Type`` is not
+        an image (``image/*``, a generic binary type, or none), before reading it. Raises
+        URLNotAllowedError when the address policy refuses the URL or a hop, ImageFetchError
+        on a network error, HTTP status >= 300 (after redirects), wrong content type, time or
         byte cap.
         """
         limit_bytes = self.max_bytes if max_bytes is None else max_bytes
@@ -444,6 +453,8 @@ class SafeFetcher:
                     location = response.headers.get("location")
                     if response.status_code not in _REDIRECT_STATUSES or not location:
                         self._raise_for_status(url, hop, response)
+                        if image_only:
+                            _check_image_content_type(url, label, response)
                         return self._read_capped(url, label, response, limit_bytes)
             hop = self._next_hop(url, hop, location)
         raise ImageFetchError(
@@ -618,6 +629,21 @@ class SafeFetcher:
         )
 
 
+def _check_image_content_type(original: str, label: str, response: httpx.Response) -> None:
+    """Refuse a declared non-image type (an HTML error page, JSON, a redirect portal): the
+    decoder would refuse the bytes anyway, but this says what really came back."""
+    declared = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if not declared or declared.startswith("image/") or declared in _GENERIC_BINARY_TYPES:
+        return
+    raise ImageFetchError(
+        f"{label} {_shown(original)} answered Content-Type {declared!r}, not an image; an "
+        "image URL must serve image/* (or a generic binary type)"
+    )
+
+
+_GENERIC_BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
+
+
 # --- data: URIs ----------------------------------------------------------------------------
 
 _HEADER_SEARCH_CHARS = 1024  # a data: URI's media type and parameters come first
@@ -738,4 +764,4 @@ def load_image_bytes(source: str, fetcher: SafeFetcher, *, max_bytes: int) -> by
     """
     if _is_data_uri(source):
         return decode_data_uri(source, max_bytes=max_bytes)
-    return fetcher.fetch(source, max_bytes=max_bytes)
+    return fetcher.fetch(source, max_bytes=max_bytes, image_only=True)

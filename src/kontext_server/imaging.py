@@ -19,12 +19,22 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from kontext_server.editing import EncodedImage, OutputFormat
 from kontext_server.errors import ImageDecodeError
 
-__all__ = ["ALLOWED_FORMATS", "JPEG_QUALITY", "decode_image", "encode_image", "to_rgb"]
+__all__ = [
+    "ALLOWED_FORMATS",
+    "JPEG_QUALITY",
+    "MAX_ASPECT_RATIO",
+    "decode_image",
+    "encode_image",
+    "to_rgb",
+]
 
 # Pillow plugin names (the JPEG plugin also opens the multi-picture "MPO" JPEGs phones write).
 ALLOWED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "GIF", "AVIF", "BMP")
 _ALLOWED_TEXT: Final = "JPEG, PNG, WebP, GIF, AVIF or BMP"
 JPEG_QUALITY: Final = 95
+# Longer side / shorter side. Kontext works at 21:9..9:21; anything past 20:1 is a sliver that
+# only costs memory (1 x 40,000 passes the pixel cap) and cannot be edited sensibly.
+MAX_ASPECT_RATIO: Final = 20
 _WHITE: Final = (255, 255, 255)
 _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
@@ -39,9 +49,10 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode untrusted ``data`` into a loaded RGB image (the first frame if animated).
 
     Raises ``ImageDecodeError`` for empty, corrupt or truncated data, a format outside
-    JPEG/PNG/WebP/GIF/AVIF/BMP, or more than ``max_pixels`` pixels (checked from the header,
-    before decoding). Sets Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` to ``max_pixels``
-    as a second line of defence, so callers in one process should share one cap.
+    JPEG/PNG/WebP/GIF/AVIF/BMP, more than ``max_pixels`` pixels or a longer side more than
+    ``MAX_ASPECT_RATIO`` times the shorter (both checked from the header, before decoding).
+    Sets Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` as a second line
+    of defence, so callers in one process should share one cap.
     """
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)")
@@ -101,6 +112,11 @@ def _open_allowed(data: bytes, *, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(f"the image has an empty size ({width}x{height})")
     if width * height > max_pixels:
         raise _too_many_pixels(f"{width}x{height} = {width * height:,} pixels", max_pixels)
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageDecodeError(
+            f"the image's aspect ratio is absurd ({width}x{height}); the longer side may be at "
+            f"most {MAX_ASPECT_RATIO} times the shorter one"
+        )
     return image
 
 

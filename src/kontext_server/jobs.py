@@ -61,6 +61,7 @@ class NewJob:
     base_url: str | None = None  # where the client reached us; used to render webhook URLs
     idempotency_key: str | None = None
     retention_s: float | None = None  # kept this long after finishing; None: the store default
+    engine: str = "local"  # who runs it: "local" (our GPUs) or "bfl" (Black Forest Labs' API)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,10 @@ class Job:
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    engine: str = "local"
+    # What an upstream engine recorded before waiting on its provider (``set_upstream``), so
+    # that a later attempt resumes the same upstream task instead of paying for another.
+    upstream: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from kontext_server.errors import KontextError
 from kontext_server.files.base import FileStore
 from kontext_server.jobs import PRIORITY_NORMAL, CancelOutcome, Job, JobEvent, JobStatus, NewJob
 from kontext_server.store.base import JobStore
+from kontext_server.webhooks import bfl
 
 __all__ = [
     "RETRY_AFTER_S",
@@ -132,6 +133,7 @@ class QueueService:
             base_url=base_url,
             idempotency_key=idempotency_key,
             retention_s=retention_s,
+            engine=self.settings.engine_for(endpoint),
         )
         job, created = self.store.submit(new_job)
         if not created and (job.endpoint != endpoint or job.input != input):
@@ -208,7 +210,10 @@ class QueueService:
         return rendered
 
     def webhook_payload(self, job: Job) -> dict[str, Any]:
-        """fal's webhook body (PROTOCOL.md §9); file URLs use where the submitter reached us."""
+        """fal's webhook body (PROTOCOL.md §9); file URLs use where the submitter reached us.
+        A job submitted through the BFL API gets BFL's body instead (``webhooks/bfl.py``)."""
+        if bfl.is_bfl_job(job):
+            return self._bfl_webhook_payload(job)
         body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
         if job.status is not JobStatus.SUCCEEDED:
             error = job.error or f"Request ended with status {job.status}"
@@ -220,6 +225,17 @@ class QueueService:
             log.exception("cannot render the output of job %s for its webhook", job.id)
             return {**body, "status": "OK", "payload": None, "payload_error": str(exc)}
         return {**body, "status": "OK", "payload": payload}
+
+    def _bfl_webhook_payload(self, job: Job) -> dict[str, Any]:
+        output = None
+        if job.status is JobStatus.SUCCEEDED:
+            output = self.render_output(job, job.base_url or "")
+        return bfl.webhook_body(job, output, now_s=self._clock())
+
+    def webhook_headers(self, job: Job, body: bytes) -> dict[str, str]:
+        """Headers sent beside fal's signature headers: ``X-BFL-Signature`` (HMAC-SHA256 with
+        the submitter's ``webhook_secret``) for a BFL job that gave one, else none."""
+        return bfl.signature_headers(job, body)
 
 
 class MaintenanceLoop:

@@ -2,7 +2,10 @@
 
 Kontext was trained on 17 resolutions of about one megapixel. An edit's output takes the bucket
 nearest to the (first) input's aspect ratio; a caller-given ``aspect_ratio`` ("W:H", from 21:9
-to 9:21) is used at ~1 MP instead. Every side is a multiple of 16 (VAE factor 8 x 2x2 packing).
+to 9:21) is used at ~1 MP instead. fal's [dev] endpoint can also ask for the input's own size
+(``match_input``: scaled down to at most ``MATCH_INPUT_MAX_PX``). With no input at all
+(text-to-image) the output is ``aspect_ratio`` (default 1:1) at ~1 MP. Every side is a
+multiple of 16 (VAE factor 8 x 2x2 packing).
 
 Several references ("multi") are each resized to their own bucket and then scaled down together
 so that their pixels stay within a budget, and are tiled on one virtual canvas
@@ -20,11 +23,13 @@ from collections.abc import Sequence
 from kontext_server.errors import InputError
 
 __all__ = [
+    "MATCH_INPUT_MAX_PX",
     "MAX_ASPECT_RATIO",
     "MIN_ASPECT_RATIO",
     "ONE_MEGAPIXEL",
     "PREFERRED_KONTEXT_RESOLUTIONS",
     "SIDE_MULTIPLE_PX",
+    "TEXT_TO_IMAGE_ASPECT_RATIO",
     "nearest_bucket",
     "output_size",
     "parse_aspect_ratio",
@@ -32,6 +37,7 @@ __all__ = [
     "reference_sizes",
     "scale_to_area",
     "size_for_aspect",
+    "text_to_image_size",
 ]
 
 Size = tuple[int, int]
@@ -62,6 +68,10 @@ ONE_MEGAPIXEL = 1024 * 1024
 SIDE_MULTIPLE_PX = 16
 MAX_ASPECT_RATIO = 21 / 9
 MIN_ASPECT_RATIO = 9 / 21
+# match_input keeps the input's size up to this many pixels (ours: fal says only "within
+# supported limits"); larger inputs are scaled down, keeping their aspect.
+MATCH_INPUT_MAX_PX = 2 * ONE_MEGAPIXEL
+TEXT_TO_IMAGE_ASPECT_RATIO = "1:1"  # fal's default for the text-to-image endpoints
 
 _ASPECT_RE = re.compile(r"^\s*(\d{1,5})\s*:\s*(\d{1,5})\s*$")
 _ALLOWED_ASPECTS = "a ratio 'W:H' of positive integers between 21:9 and 9:21 (e.g. '16:9')"
@@ -121,18 +131,37 @@ def output_size(
     input_height: int,
     aspect_ratio: str | None = None,
     *,
+    match_input: bool = False,
     area_px: int | None = None,
 ) -> Size:
     """The size of an edit's output for an input of ``input_width x input_height``.
 
     No ``aspect_ratio``: the nearest preferred bucket. With ``"W:H"``: that ratio at ~1 MP.
-    ``area_px`` (tests, small previews) scales the result down to that many pixels; ``None``
-    keeps BFL's ~1 MP sizes. Raises ``InputError`` for a bad ``aspect_ratio``.
+    ``match_input`` (no ``aspect_ratio`` with it): the input's own size, sides floored to
+    multiples of 16, scaled down to at most ``MATCH_INPUT_MAX_PX``. ``area_px`` (tests, small
+    previews) scales the result down to that many pixels; ``None`` keeps the real sizes.
+    Raises ``InputError`` for a bad ``aspect_ratio`` or one given with ``match_input``.
     """
-    if aspect_ratio is None:
+    if match_input and aspect_ratio is not None:
+        raise InputError(
+            f"aspect_ratio {aspect_ratio!r} and match_input both set the output size; give one"
+        )
+    if match_input:
+        width, height = scale_to_area(input_width, input_height, MATCH_INPUT_MAX_PX)
+    elif aspect_ratio is None:
         width, height = nearest_bucket(input_width, input_height)
     else:
         width, height = size_for_aspect(*parse_aspect_ratio(aspect_ratio))
+    if area_px is not None:
+        width, height = scale_to_area(width, height, area_px)
+    return width, height
+
+
+def text_to_image_size(aspect_ratio: str | None = None, *, area_px: int | None = None) -> Size:
+    """The output size with no input image: ``aspect_ratio`` (default 1:1) at ~1 MP, then
+    scaled down to ``area_px`` if given. Raises ``InputError`` for a bad ``aspect_ratio``."""
+    ratio = TEXT_TO_IMAGE_ASPECT_RATIO if aspect_ratio is None else aspect_ratio
+    width, height = size_for_aspect(*parse_aspect_ratio(ratio))
     if area_px is not None:
         width, height = scale_to_area(width, height, area_px)
     return width, height

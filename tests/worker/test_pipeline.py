@@ -185,7 +185,8 @@ def test_result_carries_timings_and_random_weights(small_engine: KontextPipeline
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"images": []}, "at least one reference"),
+        ({"images": [], "match_input_size": True}, "match_input needs an input image"),
+        ({"match_input_size": True, "aspect_ratio": "1:1"}, "give one"),
         ({"num_images": 5}, "allowed: 1 to 4"),
         ({"num_images": 0}, "allowed: 1 to 4"),
         ({"num_inference_steps": 101}, "allowed: 1 to 100"),

@@ -22,14 +22,16 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kontext_server import __version__
-from kontext_server.auth import Authenticator
+from kontext_server.auth import Authenticator, BadKeyThrottle
 from kontext_server.config import Settings
 from kontext_server.fetch import SafeFetcher
 from kontext_server.files.base import FileStore
+from kontext_server.http.bfl_api import bfl_router
 from kontext_server.http.context import ApiContext
 from kontext_server.http.errors import install_exception_handlers
 from kontext_server.http.fal import QUEUE_PREFIXES, queue_router, run_router
 from kontext_server.http.files import files_router
+from kontext_server.http.openai_api import openai_router
 from kontext_server.http.ops import AccessLogMiddleware, ReadinessCheck, ops_router
 from kontext_server.http.playground import playground_router
 from kontext_server.http.proxy import proxy_router
@@ -62,6 +64,7 @@ CORS_ALLOWED_HEADERS = [
     "x-fal-file-name",
     "x-fal-cdn-token",
     "x-fal-store-io",
+    "x-key",  # BFL API
 ]
 _WEBHOOK_RESPONSE_MAX_BYTES = 64 * 1024
 _BASE64_SLACK = 1024  # room for "data:image/...;base64," around the encoded bytes
@@ -100,7 +103,11 @@ def create_app(
         settings=settings,
         service=service,
         files=files,
-        authenticator=Authenticator(store, insecure_no_auth=settings.insecure_no_auth),
+        authenticator=Authenticator(
+            store,
+            insecure_no_auth=settings.insecure_no_auth,
+            throttle=BadKeyThrottle.from_settings(settings),
+        ),
         stream_keepalive_s=stream_keepalive_s,
         poll_interval_s=poll_interval_s,
         max_body_bytes=_max_body_bytes(settings),
@@ -114,6 +121,7 @@ def create_app(
             signer,
             fetcher or _webhook_fetcher(settings),
             service.webhook_payload,
+            extra_headers_for=service.webhook_headers,
             claimer_id=f"api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
             max_attempts=settings.webhook_max_attempts,
             clock=clock,
@@ -151,6 +159,8 @@ def _install_routes(app: FastAPI) -> None:
     app.include_router(playground_router())
     app.include_router(storage_router(app.state.context))
     app.include_router(proxy_router())
+    app.include_router(bfl_router())
+    app.include_router(openai_router())
     app.include_router(run_router())
     for prefix in QUEUE_PREFIXES:
         app.include_router(queue_router(prefix))

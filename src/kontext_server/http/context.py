@@ -3,7 +3,7 @@ dependencies that hand it out. ``create_app`` puts one ``ApiContext`` on ``app.s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, cast
 
 from fastapi import Depends, Request
@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from kontext_server.auth import Authenticator, Principal
 from kontext_server.config import Settings
 from kontext_server.files.base import FileStore
+from kontext_server.http.sse import StreamSlots
 from kontext_server.service import QueueService
 
 __all__ = ["ApiContext", "Caller", "Context", "api_context", "caller", "site_base"]
@@ -26,6 +27,7 @@ class ApiContext:
     poll_interval_s: float  # how often streams and sync runs re-read the store
     max_body_bytes: int
     max_data_uri_bytes: int  # decoded size of one data: URI image
+    stream_slots: StreamSlots = field(default_factory=StreamSlots)  # open SSE streams per key
 
 
 async def api_context(request: Request) -> ApiContext:

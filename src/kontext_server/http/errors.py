@@ -23,7 +23,9 @@ def install_exception_handlers(app: FastAPI) -> None:
 
 
 async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
-    headers = {"www-authenticate": "Key"} if exc.status_code == 401 else None
+    headers = {"www-authenticate": "Key"} if exc.status_code == 401 else {}
+    if exc.retry_after_s is not None:  # too many wrong keys from this client
+        headers["retry-after"] = str(exc.retry_after_s)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from kontext_server.http.context import ApiContext, Caller, Context, site_base
-from kontext_server.http.sse import StatusStream
+from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
 from kontext_server.http.submission import input_model, read_input, submit_options, webhook_url
 from kontext_server.http.wire import (
     REQUEST_ID_HEADER,
@@ -116,6 +117,13 @@ class _QueueRoutes:
         job = await run_in_threadpool(find)
         if job is None:
             return _not_found(request_id)
+        try:
+            release = context.stream_slots.acquire(
+                principal.owner, context.settings.max_streams_per_key
+            )
+        except TooManyStreamsError as exc:
+            headers = {"retry-after": str(exc.retry_after_s)}
+            return JSONResponse({"detail": str(exc)}, status_code=429, headers=headers)
         events = StatusStream(
             context.service,
             job,
@@ -125,7 +133,14 @@ class _QueueRoutes:
             poll_interval_s=context.poll_interval_s,
         )
         headers = {REQUEST_ID_HEADER: job.id, "cache-control": "no-cache"}
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        # Released when the stream ends or the client leaves; the background task covers a
+        # response that never started streaming.
+        return StreamingResponse(
+            released_after(events, release),
+            media_type="text/event-stream",
+            headers=headers,
+            background=BackgroundTask(release),
+        )
 
     def result(
         self, endpoint: str, request_id: str, request: Request, context: Context, principal: Caller
@@ -149,7 +164,7 @@ class _QueueRoutes:
             outcome = context.service.cancel(job.id, principal.owner)
         code, status = _CANCEL_ANSWERS[outcome]
         return JSONResponse(
-            {"status": status}, status_code=code, headers={REQUEST_ID_HEADER: request_id}
+            {"status": status}, status_code=code, headers=_echoed_id(request_id)
         )
 
 
@@ -218,7 +233,15 @@ def _final_answer(context: ApiContext, request: Request, job: Job) -> JSONRespon
 
 
 def _not_found(request_id: str) -> JSONResponse:
-    return JSONResponse(_NOT_FOUND, status_code=404, headers={REQUEST_ID_HEADER: request_id})
+    return JSONResponse(_NOT_FOUND, status_code=404, headers=_echoed_id(request_id))
+
+
+def _echoed_id(request_id: str) -> dict[str, str]:
+    """The caller's request id as a header, unless it cannot be one (found by fuzzing: a
+    non-Latin-1 id in the path must be a 404, not a 500)."""
+    if request_id.isascii() and request_id.isprintable() and len(request_id) <= 200:
+        return {REQUEST_ID_HEADER: request_id}
+    return {}
 
 
 def _truthy(value: str | None) -> bool:

@@ -10,13 +10,14 @@ fetches them. Pass the data-URI size cap as validation context::
 
     MaxInput.model_validate(body, context={"max_data_uri_bytes": n})
 
-Adding an endpoint is one line in ``ENDPOINTS``.
+Adding an endpoint is one line in ``ENDPOINTS``. Several endpoints share a model: fal's pro and
+max tiers differ only in the model behind them, and this server runs one model for all.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import (
     AfterValidator,
@@ -35,15 +36,20 @@ from kontext_server.errors import InputError
 from kontext_server.fetch import check_image_source
 
 __all__ = [
+    "ACCELERATIONS",
     "ASPECT_RATIOS",
     "DEFAULT_MAX_DATA_URI_BYTES",
+    "DEV_MAX_STEPS",
     "ENDPOINTS",
     "MAX_IMAGE_URLS",
     "PROMPT_MAX_CHARS",
+    "RESOLUTION_MODES",
     "SEED_LIMIT",
+    "DevInput",
     "FalInput",
     "MaxInput",
     "MaxMultiInput",
+    "TextToImageInput",
 ]
 
 PROMPT_MAX_CHARS = 4000  # T5 reads at most 512 tokens; this only bounds what we store
@@ -51,6 +57,28 @@ MAX_IMAGE_URLS = 10  # references for /multi; the worker also caps their total p
 SEED_LIMIT = 2**63  # seeds are int64 in the worker
 DEFAULT_MAX_DATA_URI_BYTES = 32 * 1024 * 1024  # decoded; when no context says otherwise
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
+ListedAspectRatio = Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"]
+# fal-ai/flux-kontext/dev: "auto" (the trained bucket nearest the input's aspect),
+# "match_input" (the input's own size) or one of fal's ratios at ~1 MP.
+ResolutionMode = Literal[
+    "auto",
+    "match_input",
+    "21:9",
+    "16:9",
+    "4:3",
+    "3:2",
+    "5:4",
+    "1:1",
+    "4:5",
+    "2:3",
+    "3:4",
+    "9:16",
+    "9:21",
+]
+Acceleration = Literal["none", "regular", "high"]
+RESOLUTION_MODES: tuple[str, ...] = get_args(ResolutionMode)
+ACCELERATIONS: tuple[str, ...] = get_args(Acceleration)
+DEV_MAX_STEPS = 50
 
 # Error types raised by our own validators already carry a complete message: keep it.
 _OWN_ERROR_TYPES = frozenset({"image_source", "aspect_ratio", "safety_tolerance", "prompt"})
@@ -61,6 +89,10 @@ _ASPECT_RATIO_RULE = (
     "aspect_ratio must be a ratio W:H between 21:9 and 9:21 (e.g. 16:9, 4:3, 1:1, 9:16)"
 )
 _ASPECT_RATIO_ENUM_RULE = "aspect_ratio must be one of " + ", ".join(ASPECT_RATIOS)
+_RESOLUTION_MODE_RULE = (
+    "resolution_mode must be one of auto (the trained size nearest the input's aspect), "
+    "match_input (the input's own size) or a ratio " + ", ".join(RESOLUTION_MODES[2:])
+)
 _SAFETY_RULE = (
     'safety_tolerance must be one of "1" to "6", as a string or an integer '
     "(1 strictest, 6 most permissive)"
@@ -77,6 +109,20 @@ def _check_prompt(prompt: str) -> str:
     if not prompt.strip():
         raise PydanticCustomError("prompt", "prompt must not be empty: say what to edit")
     return prompt
+
+
+def _check_description(prompt: str) -> str:
+    if not prompt.strip():
+        raise PydanticCustomError(
+            "prompt", "prompt must not be empty: describe the image to generate"
+        )
+    return prompt
+
+
+def _default_square(ratio: Any) -> Any:
+    """A null aspect_ratio of text-to-image means its default, 1:1 (there is no input to
+    follow)."""
+    return "1:1" if ratio is None else ratio
 
 
 def _check_image_source(url: str, info: ValidationInfo) -> str:
@@ -109,6 +155,7 @@ def _safety_level(value: Any) -> Any:
 
 
 Prompt = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_prompt)]
+Description = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_description)]
 ImageSource = Annotated[str, AfterValidator(_check_image_source)]
 SafetyTolerance = Annotated[Literal["1", "2", "3", "4", "5", "6"], BeforeValidator(_safety_level)]
 
@@ -206,9 +253,7 @@ class MaxMultiInput(FalInput):
     num_images: Annotated[int, Field(ge=1, le=4)] = 1
     safety_tolerance: SafetyTolerance = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
-    aspect_ratio: (
-        Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"] | None
-    ) = None
+    aspect_ratio: ListedAspectRatio | None = None
     enhance_prompt: bool = False
 
     _rules: ClassVar[dict[str, str]] = {
@@ -217,8 +262,74 @@ class MaxMultiInput(FalInput):
     }
 
 
+class TextToImageInput(FalInput):
+    """``fal-ai/flux-pro/kontext/max/text-to-image`` (and ``.../kontext/text-to-image``):
+    generate from the prompt alone, at ~1 MP in ``aspect_ratio`` (default 1:1)."""
+
+    _body_rule: ClassVar[str] = "the request body must be a JSON object with at least prompt"
+
+    prompt: Description
+    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
+    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    sync_mode: bool = False
+    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    safety_tolerance: SafetyTolerance = "2"
+    output_format: Literal["jpeg", "png"] = "jpeg"
+    aspect_ratio: Annotated[ListedAspectRatio, BeforeValidator(_default_square)] = "1:1"
+    enhance_prompt: bool = False
+
+    _rules: ClassVar[dict[str, str]] = {
+        **FalInput._rules,
+        "prompt": (
+            f"prompt must be a non-empty string of at most {PROMPT_MAX_CHARS} characters "
+            "(the description of the image)"
+        ),
+        "aspect_ratio": _ASPECT_RATIO_ENUM_RULE + " (default 1:1)",
+    }
+
+
+class DevInput(FalInput):
+    """``fal-ai/flux-kontext/dev``: edit one image with the open [dev] model's own knobs.
+
+    ``resolution_mode`` picks the output size; ``acceleration`` and ``enable_safety_checker``
+    are accepted and stored (the engine has no acceleration settings and runs no safety
+    checker; the worker logs an acceleration it cannot apply)."""
+
+    _body_rule: ClassVar[str] = (
+        "the request body must be a JSON object with at least prompt and image_url"
+    )
+
+    prompt: Prompt
+    image_url: ImageSource
+    num_inference_steps: Annotated[int, Field(ge=1, le=DEV_MAX_STEPS)] = 28
+    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
+    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 2.5
+    sync_mode: bool = False
+    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    enable_safety_checker: bool = True
+    output_format: Literal["jpeg", "png"] = "jpeg"
+    enhance_prompt: bool = False
+    resolution_mode: ResolutionMode = "match_input"
+    acceleration: Acceleration = "none"
+
+    _rules: ClassVar[dict[str, str]] = {
+        **FalInput._rules,
+        "num_inference_steps": (
+            f"num_inference_steps must be an integer from 1 to {DEV_MAX_STEPS}"
+        ),
+        "enable_safety_checker": "enable_safety_checker must be true or false",
+        "resolution_mode": _RESOLUTION_MODE_RULE,
+        "acceleration": "acceleration must be one of " + ", ".join(ACCELERATIONS),
+    }
+
+
 # The endpoints this server serves: endpoint id -> input model. One line per endpoint.
 ENDPOINTS: dict[str, type[FalInput]] = {
     "fal-ai/flux-pro/kontext/max": MaxInput,
     "fal-ai/flux-pro/kontext/max/multi": MaxMultiInput,
+    "fal-ai/flux-pro/kontext": MaxInput,
+    "fal-ai/flux-pro/kontext/multi": MaxMultiInput,
+    "fal-ai/flux-pro/kontext/max/text-to-image": TextToImageInput,
+    "fal-ai/flux-pro/kontext/text-to-image": TextToImageInput,
+    "fal-ai/flux-kontext/dev": DevInput,
 }

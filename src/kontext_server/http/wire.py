@@ -37,6 +37,7 @@ ERROR_STATUS_CODES = {
     "bad_request": 422,
     "file_download_error": 422,
     "image_load_error": 422,
+    "content_policy_violation": 422,  # an upstream engine's safety filter (docs/bfl-engine.md)
     "request_timeout": 504,
     "internal_error": 500,
     # not 503: clients retry a 503, and a retried `run` would pay for the edit again

@@ -19,6 +19,12 @@ Rules every backend keeps:
 * Reaching a final status with a ``webhook_url`` enqueues one outbox row in the same
   transaction.
 * ``queue_position`` counts queued jobs ahead by (priority, seq) using an index.
+* Engines (``Job.engine``, docs/bfl-engine.md): each engine is its own queue line. ``claim``
+  takes only its engine's jobs, and ``queue_position`` counts only queued jobs of the same
+  engine (jobs of another engine are run by other workers and do not delay this one).
+  ``queue_depth`` and ``count_queued`` count every engine (the limits protect the store).
+* ``upstream`` (``set_upstream``) survives re-queues and new attempts: it is how an upstream
+  engine resumes the task it already paid for instead of submitting another.
 """
 
 from __future__ import annotations
@@ -73,13 +79,15 @@ class JobStore(Protocol):
     def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]: ...
 
     # --- worker side ------------------------------------------------------------------------
-    def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Atomically take the best queued job (status -> running, attempts + 1, lease)."""
+    def claim(self, worker_id: str, lease_s: float, *, engine: str = "local") -> Job | None:
+        """Atomically take the best queued job of ``engine`` (status -> running,
+        attempts + 1, lease)."""
         ...
 
-    def wait_for_work(self, timeout_s: float) -> None:
-        """Block until a job may be claimable or ``timeout_s`` passes. A hint only (e.g.
-        PostgreSQL LISTEN/NOTIFY); callers still claim, and a backend may simply sleep."""
+    def wait_for_work(self, timeout_s: float, *, engine: str = "local") -> None:
+        """Block until a job of ``engine`` may be claimable or ``timeout_s`` passes. A hint
+        only (e.g. PostgreSQL LISTEN/NOTIFY); callers still claim, and a backend may simply
+        sleep."""
         ...
 
     def release(self, job_id: str, worker_id: str, attempt: int) -> bool:
@@ -89,6 +97,13 @@ class JobStore(Protocol):
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
         """Extend the lease; ``False`` when the lease is no longer this worker's."""
+        ...
+
+    def set_upstream(
+        self, job_id: str, worker_id: str, attempt: int, upstream: dict[str, Any]
+    ) -> bool:
+        """Fenced like ``finish``: replace the job's ``upstream`` record (JSON), which later
+        attempts read from ``Job.upstream``; ``False`` if this attempt no longer owns it."""
         ...
 
     def is_cancel_requested(self, job_id: str) -> bool: ...

@@ -125,6 +125,8 @@ def _job_from_row(row: DictRow) -> Job:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        engine=row["engine"],
+        upstream=row["upstream"],
     )
 
 
@@ -322,6 +324,7 @@ class PostgresJobStore:
             "idempotency_key": job.idempotency_key,
             "retention_s": job.retention_s,
             "now": self._clock(),
+            "engine": job.engine,
         }
         with self._connection() as conn:
             try:
@@ -329,10 +332,10 @@ class PostgresJobStore:
                 row = conn.execute(
                     "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
                     " max_attempts, input, start_deadline_at, webhook_url, base_url,"
-                    " idempotency_key, retention_s, created_at) VALUES (%(id)s, %(owner)s,"
+                    " idempotency_key, retention_s, created_at, engine) VALUES (%(id)s, %(owner)s,"
                     " %(endpoint)s, %(priority)s, 'queued', %(max_attempts)s, %(input)s,"
                     " %(start_deadline_at)s, %(webhook_url)s, %(base_url)s,"
-                    " %(idempotency_key)s, %(retention_s)s, %(now)s)"
+                    " %(idempotency_key)s, %(retention_s)s, %(now)s, %(engine)s)"
                     " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
                     " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
                     f" SELECT *, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted",
@@ -355,10 +358,12 @@ class PostgresJobStore:
         return None if row is None else _job_from_row(row)
 
     def queue_position(self, job_id: str) -> int | None:
-        """Queued jobs ahead by (priority, seq): one range count on the partial queue index."""
+        """Queued jobs of the same engine ahead by (priority, seq): one range count on the
+        partial queue index."""
         row = self._fetchone(
             "SELECT (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
-            "        AND (q.priority, q.seq) < (j.priority, j.seq)) AS ahead"
+            "        AND q.engine = j.engine AND (q.priority, q.seq) < (j.priority, j.seq))"
+            " AS ahead"
             " FROM jobs AS j WHERE j.id = %s AND j.status = 'queued'",
             (job_id,),
         )
@@ -443,9 +448,9 @@ class PostgresJobStore:
         return [_event_from_row(row) for row in rows]
 
     # --- worker side ------------------------------------------------------------------------------
-    def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Take the best queued job (skipping rows other claimers hold). Never starts a job
-        past its start deadline: those are failed with ``request_timeout`` first."""
+    def claim(self, worker_id: str, lease_s: float, *, engine: str = "local") -> Job | None:
+        """Take the best queued job of ``engine`` (skipping rows other claimers hold). Never
+        starts a job past its start deadline: those are failed with ``request_timeout``."""
         now = self._clock()
         with self._connection() as conn:
             self._expire_unstarted(conn, now)
@@ -454,6 +459,7 @@ class PostgresJobStore:
                 " lease_owner = %(worker_id)s, lease_until = %(lease_until)s,"
                 " started_at = %(now)s, progress_step = NULL, progress_total = NULL"
                 " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued'"
+                "   AND engine = %(engine)s"
                 "   AND (start_deadline_at IS NULL OR start_deadline_at >= %(now)s)"
                 "   ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
                 " RETURNING *),"
@@ -461,14 +467,20 @@ class PostgresJobStore:
                 "   SELECT id, %(now)s, 'INFO', 'started (attempt ' || attempts || ')'"
                 "   FROM claimed)"
                 " SELECT * FROM claimed",
-                {"worker_id": worker_id, "lease_until": now + lease_s, "now": now},
+                {
+                    "worker_id": worker_id,
+                    "lease_until": now + lease_s,
+                    "now": now,
+                    "engine": engine,
+                },
             ).fetchone()
         return None if row is None else _job_from_row(row)
 
-    def wait_for_work(self, timeout_s: float) -> None:
+    def wait_for_work(self, timeout_s: float, *, engine: str = "local") -> None:
         """LISTENs for ``kontext_jobs`` and returns on the first notification, at once if a
-        job is already queued, or after ``timeout_s``. While PostgreSQL is unreachable it
-        just waits out the timeout (the caller's next ``claim`` reports the outage). One
+        job of ``engine`` is already queued, or after ``timeout_s``. While PostgreSQL is
+        unreachable it just waits out the timeout (the caller's next ``claim`` reports the
+        outage). One
         thread listens at a time; another caller meanwhile just waits out its timeout."""
         deadline = time.monotonic() + max(timeout_s, 0.0)
         if not self._listen_lock.acquire(timeout=max(timeout_s, 0.0)):
@@ -479,7 +491,9 @@ class PostgresJobStore:
                 for _ in conn.notifies(timeout=0):  # drop stale hints: the check below counts
                     pass
                 queued = conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued') AS any"
+                    "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued'"
+                    " AND engine = %s) AS any",
+                    (engine,),
                 ).fetchone()
                 if queued is not None and queued["any"]:
                     return
@@ -544,6 +558,23 @@ class PostgresJobStore:
                 f"UPDATE jobs SET lease_until = %(lease_until)s WHERE {_FENCE}",
                 {
                     "lease_until": self._clock() + lease_s,
+                    "job_id": job_id,
+                    "worker_id": worker_id,
+                    "attempt": attempt,
+                },
+            )
+            == 1
+        )
+
+    def set_upstream(
+        self, job_id: str, worker_id: str, attempt: int, upstream: dict[str, Any]
+    ) -> bool:
+        """Fenced: replace the job's ``upstream`` record (kept across attempts)."""
+        return (
+            self._rowcount(
+                f"UPDATE jobs SET upstream = %(upstream)s WHERE {_FENCE}",
+                {
+                    "upstream": Jsonb(upstream),
                     "job_id": job_id,
                     "worker_id": worker_id,
                     "attempt": attempt,

@@ -118,7 +118,16 @@ _V2: tuple[str, ...] = (
     "CREATE INDEX webhook_outbox_by_job ON webhook_outbox (job_id)",
 )
 
+# v3: engines (docs/bfl-engine.md): one queue line per engine (claims and queue positions
+# look at their engine only) and what an upstream engine recorded to resume its tasks.
+_V3: tuple[str, ...] = (
+    "ALTER TABLE jobs ADD COLUMN engine text NOT NULL DEFAULT 'local'",
+    "ALTER TABLE jobs ADD COLUMN upstream jsonb",
+    "DROP INDEX jobs_queue",
+    "CREATE INDEX jobs_queue ON jobs (engine, priority, seq) WHERE status = 'queued'",
+)
+
 # (version, statements), in order. The version of the last entry is the current schema.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3))
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

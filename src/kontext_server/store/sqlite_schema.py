@@ -160,7 +160,70 @@ _V2: tuple[str, ...] = (
     "CREATE INDEX webhook_outbox_by_job ON webhook_outbox (job_id)",
 )
 
+_QUEUE_COUNT_TRIGGERS = (
+    "queue_counts_insert",
+    "queue_counts_leave",
+    "queue_counts_enter",
+    "queue_counts_delete",
+)
+
+# v3: engines (docs/bfl-engine.md). Each engine has its own line: a worker claims only its
+# engine's jobs, and a queue position counts only the jobs ahead in the same line (jobs of
+# another engine are run by other workers and do not delay this one). ``upstream`` is what
+# an upstream engine recorded (its task ids) so that a new attempt resumes them.
+_V3: tuple[str, ...] = (
+    "ALTER TABLE jobs ADD COLUMN engine TEXT NOT NULL DEFAULT 'local'",
+    "ALTER TABLE jobs ADD COLUMN upstream TEXT",
+    *(f"DROP TRIGGER {name}" for name in _QUEUE_COUNT_TRIGGERS),
+    "DROP TABLE queue_counts",
+    """
+    CREATE TABLE queue_counts (
+        engine   TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        queued   INTEGER NOT NULL CHECK (queued >= 0),
+        PRIMARY KEY (engine, priority)
+    )
+    """,
+    """
+    INSERT INTO queue_counts (engine, priority, queued)
+    SELECT engine, priority, count(*) FROM jobs WHERE status = 'queued'
+    GROUP BY engine, priority
+    """,
+    """
+    CREATE TRIGGER queue_counts_insert AFTER INSERT ON jobs WHEN NEW.status = 'queued'
+    BEGIN
+        INSERT INTO queue_counts (engine, priority, queued) VALUES (NEW.engine, NEW.priority, 1)
+        ON CONFLICT (engine, priority) DO UPDATE SET queued = queued + 1;
+    END
+    """,
+    """
+    CREATE TRIGGER queue_counts_leave AFTER UPDATE OF status, priority, engine ON jobs
+    WHEN OLD.status = 'queued'
+    BEGIN
+        UPDATE queue_counts SET queued = queued - 1
+        WHERE engine = OLD.engine AND priority = OLD.priority;
+    END
+    """,
+    """
+    CREATE TRIGGER queue_counts_enter AFTER UPDATE OF status, priority, engine ON jobs
+    WHEN NEW.status = 'queued'
+    BEGIN
+        INSERT INTO queue_counts (engine, priority, queued) VALUES (NEW.engine, NEW.priority, 1)
+        ON CONFLICT (engine, priority) DO UPDATE SET queued = queued + 1;
+    END
+    """,
+    """
+    CREATE TRIGGER queue_counts_delete AFTER DELETE ON jobs WHEN OLD.status = 'queued'
+    BEGIN
+        UPDATE queue_counts SET queued = queued - 1
+        WHERE engine = OLD.engine AND priority = OLD.priority;
+    END
+    """,
+    "DROP INDEX jobs_queue",
+    "CREATE INDEX jobs_queue ON jobs (engine, priority, seq) WHERE status = 'queued'",
+)
+
 # (version, statements), in order. The version of the last entry is the current schema.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3))
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -76,7 +76,9 @@ def _compact_json(value: dict[str, Any]) -> bytes:
 class WebhookDispatcher:
     """Sends due webhooks from ``store``'s outbox; one per API process.
 
-    ``payload_for(job)`` builds fal's body (``QueueService.webhook_payload``). Each send may
+    ``payload_for(job)`` builds the body (``QueueService.webhook_payload``: fal's, or BFL's
+    for a job submitted through the BFL API); ``extra_headers_for(job, body)`` adds headers
+    beside fal's signature (``QueueService.webhook_headers``: BFL's HMAC). Each send may
     take ``timeout_s`` (default: the fetcher's ``timeout_s``); up to ``concurrency`` sends run
     at once so that one slow receiver does not hold up the others. ``clock`` must be the
     store's clock (retry times are compared with it).
@@ -89,6 +91,7 @@ class WebhookDispatcher:
         fetcher: SafeFetcher,
         payload_for: Callable[[Job], dict[str, Any]],
         *,
+        extra_headers_for: Callable[[Job, bytes], dict[str, str]] | None = None,
         claimer_id: str,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff_s: Callable[[int], float] = default_backoff_s,
@@ -101,6 +104,7 @@ class WebhookDispatcher:
         self._signer = signer
         self._fetcher = fetcher
         self._payload_for = payload_for
+        self._extra_headers_for = extra_headers_for
         self._claimer_id = claimer_id
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
@@ -175,6 +179,8 @@ class WebhookDispatcher:
             "Content-Type": "application/json",
             **self._signer.headers(job.id, job.owner or ANONYMOUS_USER_ID, body),
         }
+        if self._extra_headers_for is not None:
+            headers.update(self._extra_headers_for(job, body))
         try:
             status = self._fetcher.post(url, body, headers, self._timeout_s)
         except URLNotAllowedError:

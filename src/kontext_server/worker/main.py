@@ -54,6 +54,7 @@ def runner_limits(settings: Settings) -> RunnerLimits:
 def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain (see the module docstring) and return."""
     from kontext_server.worker.pipeline import KontextPipeline  # torch lives behind this line
+    from kontext_server.worker.safety import content_safety_from_settings
 
     worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
     metrics = JobMetrics()
@@ -63,6 +64,7 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     store = open_configured_store(settings)
     files = open_file_store(settings.files_url(), settings)
     pipeline = KontextPipeline.from_settings(settings)
+    safety = content_safety_from_settings(settings)  # says so in the log when there is none
     runner = JobRunner(
         store,
         files,
@@ -72,6 +74,7 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
         limits=runner_limits(settings),
         model_name=settings.model,
         metrics=metrics,
+        safety=safety,
     )
     log.info("worker %s ready (model %s)", worker_id, settings.model)
     try:

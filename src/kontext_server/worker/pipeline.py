@@ -10,6 +10,8 @@
   (:class:`MultiReferenceFluxKontextPipeline`) and overriding only ``prepare_latents``: each
   reference is VAE-encoded on its own, all reference tokens get time id 1 and positions on one
   virtual canvas. One reference goes through the same code and equals stock diffusers.
+* **No reference** (text-to-image): the stock pipeline with ``image=None`` generates from the
+  prompt alone, at ``aspect_ratio`` (default 1:1) and ~1 MP.
 * **Seeds** portable and independent of ``num_images``: one CPU generator per image (seed,
   seed+1, ...) and one denoising run per image; prompt and references are encoded once.
 * **Progress and cancellation** after every step; cancelling raises ``EditCancelled`` from the
@@ -20,12 +22,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,16 +244,16 @@ class KontextPipeline:
     ) -> EditResult:
         """Run one edit (see ``editing.EditPipeline``).
 
-        Raises ``InputError`` for a request the engine cannot run (no images, num_images
-        outside 1-4, steps outside 1-100, bad aspect ratio, seed out of range) and
-        ``EditCancelled`` when ``should_cancel()`` turned true after a step.
+        No images: text-to-image at ``aspect_ratio`` (default 1:1), ~1 MP. Raises
+        ``InputError`` for a request the engine cannot run (num_images outside 1-4, steps
+        outside 1-100, bad aspect ratio, match_input without an image or with an aspect ratio,
+        seed out of range) and ``EditCancelled`` when ``should_cancel()`` turned true after a
+        step.
         """
         started = time.perf_counter()
         steps = request.num_inference_steps or self.default_steps
         seed = _validated(request, steps)
-        width, height = sizing.output_size(
-            *request.images[0].size, request.aspect_ratio, area_px=self.area_px
-        )
+        width, height = self.output_size(request)
         references, prompt = self._prepare(request)
         prepared = time.perf_counter()
         progress = _StepReporter(steps * request.num_images, on_step, should_cancel)
@@ -282,6 +285,17 @@ class KontextPipeline:
             gpu_memory_bytes=_gpu_memory(self.device),
         )
 
+    def output_size(self, request: EditRequest) -> tuple[int, int]:
+        """``(width, height)`` of the request's outputs (see ``sizing``)."""
+        if not request.images:
+            return sizing.text_to_image_size(request.aspect_ratio, area_px=self.area_px)
+        return sizing.output_size(
+            *request.images[0].size,
+            request.aspect_ratio,
+            match_input=request.match_input_size,
+            area_px=self.area_px,
+        )
+
     def reference_sizes(self, images: Sequence[Image.Image]) -> list[tuple[int, int]]:
         """The ``(width, height)`` each reference is resized to (own bucket, within budget)."""
         if len(images) == 1:  # BFL's single-reference path: the bucket, no budget
@@ -292,11 +306,16 @@ class KontextPipeline:
             area_px=self.area_px,
         )
 
-    def _prepare(self, request: EditRequest) -> tuple[PackedReferences, dict[str, torch.Tensor]]:
-        """Encode the references and the prompt once for all images of the request."""
-        references = self.pipe.encode_references(
-            request.images, self.reference_sizes(request.images)
-        )
+    def _prepare(
+        self, request: EditRequest
+    ) -> tuple[PackedReferences | None, dict[str, torch.Tensor]]:
+        """Encode the references (none for text-to-image) and the prompt once for all images
+        of the request."""
+        references = None
+        if request.images:
+            references = self.pipe.encode_references(
+                request.images, self.reference_sizes(request.images)
+            )
         with torch.no_grad():
             prompt_embeds, pooled_prompt_embeds, _ = self.pipe.encode_prompt(
                 prompt=request.prompt,
@@ -311,7 +330,7 @@ class KontextPipeline:
     def _denoise(
         self,
         request: EditRequest,
-        references: PackedReferences,
+        references: PackedReferences | None,
         prompt: dict[str, torch.Tensor],
         seed: int,
         width: int,
@@ -320,7 +339,11 @@ class KontextPipeline:
         progress: _StepReporter,
     ) -> Image.Image:
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        with self.pipe.conditioned_on(references):
+        # No references: the stock pipeline with image=None generates from the prompt alone.
+        conditioning: AbstractContextManager[None] = (
+            contextlib.nullcontext() if references is None else self.pipe.conditioned_on(references)
+        )
+        with conditioning:
             output = self.pipe(
                 image=None,
                 height=height,
@@ -384,8 +407,8 @@ def _as_multi_reference(pipe: Any) -> MultiReferenceFluxKontextPipeline:
 
 def _validated(request: EditRequest, steps: int) -> int:
     """Check what the engine cannot run; return the seed (drawn when not given)."""
-    if not request.images:
-        raise InputError("an edit needs at least one reference image")
+    if request.match_input_size and not request.images:
+        raise InputError("match_input needs an input image to take the size from")
     if not 1 <= request.num_images <= MAX_NUM_IMAGES:
         raise InputError(f"num_images is {request.num_images}; allowed: 1 to {MAX_NUM_IMAGES}")
     if not 1 <= steps <= MAX_STEPS:

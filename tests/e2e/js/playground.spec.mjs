@@ -36,6 +36,7 @@ let browser;
 let context;
 let page;
 const pageErrors = [];
+let edited = false; // the later scenarios start from the full edit's result
 
 before(async () => {
   browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
@@ -172,12 +173,14 @@ test("a full edit shows progress, logs and a result of the reported size", { tim
   assert.match(await history.first().textContent(), /done/);
 
   await page.screenshot({ path: path.join(SCREENSHOTS, "playground-result.png"), fullPage: true });
+  edited = true;
 });
 
 // Also the page's other paths: Max Multi with several images and the ratio enum, and, with an
 // API key entered, every call sending it and the status stream read through fetch (the server
 // has no keys, so it ignores the header).
 test("a multi edit of the result and a new image can be cancelled while it runs", { timeout: TIMEOUT_MS }, async () => {
+  assert.ok(edited, "needs the result of the full edit (failed above)");
   const resultUrl = await page.locator(".result-image").getAttribute("src");
   await page.getByRole("button", { name: "Edit this result again" }).click();
   const inputs = page.locator(".image-item");
@@ -216,6 +219,7 @@ test("a multi edit of the result and a new image can be cancelled while it runs"
 });
 
 test("recent requests survive a reload and reopen with their result", { timeout: TIMEOUT_MS }, async () => {
+  assert.ok(edited, "needs the result of the full edit (failed above)");
   await page.setViewportSize({ width: 420, height: 900 });
   await page.reload();
   await page.locator('body[data-ready="true"]').waitFor();

@@ -1,4 +1,6 @@
-"""A real S3-compatible server for tests (moto's server mode); fixtures registered by conftest.
+"""A real S3-compatible server for tests (moto's server mode); fixtures registered by the
+conftests of tests/unit and tests/fault (this module sits in tests/, which is on pytest's
+pythonpath, so every folder can import it).
 
 ``s3_server`` is one ``ThreadedMotoServer`` per session on 127.0.0.1 (a random free port),
 spoken to over real HTTP; ``s3_bucket`` gives each test a fresh, empty bucket of its own, so
