@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -122,6 +122,16 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with request_id
     metrics_port: int | None = None  # `worker` only: serve its own /metrics on this port
     metrics_host: str = "127.0.0.1"  # ... bound to this address
+
+    @model_validator(mode="after")
+    def _heartbeat_renews_in_time(self) -> Settings:
+        # A lease must be renewed before it runs out, with room for a late beat.
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s:g}) must be at most half of lease_s "
+                f"({self.lease_s:g}), or every running job loses its lease"
+            )
+        return self
 
     @field_validator(
         "fetch_allow_hosts",
