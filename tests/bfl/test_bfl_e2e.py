@@ -174,3 +174,27 @@ def test_kill_9_of_the_bfl_worker_mid_poll_resumes_the_same_upstream_task(
     assert len(standin.submissions_for(prompt)) == 2  # one per image: nothing paid twice
     messages = [entry["message"] for entry in status["logs"]]
     assert any("resuming 2" in message for message in messages), messages
+
+
+def test_serve_starts_a_bfl_worker_when_an_endpoint_is_routed_upstream(
+    tmp_path: Path, standin: StandInBfl
+) -> None:
+    env = {
+        "KONTEXT_ENGINES": json.dumps(ENGINES),
+        "KONTEXT_BFL_BASE_URL": standin.url,
+        "KONTEXT_BFL_API_KEY": API_KEY,
+        "KONTEXT_BFL_POLL_INITIAL_S": "0.1",
+        "KONTEXT_BFL_POLL_MAX_S": "0.3",
+        "KONTEXT_FETCH_ALLOW_HOSTS": "127.0.0.1",
+    }
+    server = ServerProcess(tmp_path / "data", workers=1, env=env)  # 1 local + the BFL worker
+    try:
+        server.start()
+        with httpx.Client(base_url=server.base_url, timeout=10.0) as client:
+            body = {"prompt": "serve routes upstream", "image_url": png_data_uri(), "seed": 9}
+            answer = client.post(f"/{MAX}", json=body).json()
+            status = wait_until_completed(client, answer["status_url"], timeout_s=60)
+        assert status.get("error") is None, f"{status}\n{server.log_tail()}"
+        assert len(standin.submissions_for("serve routes upstream")) == 1
+    finally:
+        server.stop()

@@ -129,8 +129,12 @@ def run_server(
     signer = WebhookSigner.load_or_create(settings.data_dir / "webhook-ed25519.pem")
     gpus = visible_gpus(os.environ)
     count = settings.workers if settings.workers is not None else max(1, len(gpus))
+    specs = worker_specs(count, gpus, worker_argv(settings))
+    if count and "bfl" in settings.engines.values():
+        # endpoints routed upstream need no GPU: one BFL worker holds many tasks in flight
+        specs += worker_specs(1, [], [*worker_argv(settings), "--engine", "bfl"])
     supervisor = WorkerSupervisor(
-        worker_specs(count, gpus, worker_argv(settings)),
+        specs,
         on_exit=lambda pid: mark_process_dead(pid, str(metrics_dir)),  # type: ignore[no-untyped-call]
     )
 
