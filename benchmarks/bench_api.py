@@ -3,7 +3,7 @@
 One run measures, and prints as one JSON document with the targets and pass/fail:
 
 1. submit throughput (``--clients`` keep-alive connections, closed loop) of this server
-   (real uvicorn, SQLite store in a temporary folder, no worker) and of a bare FastAPI app
+   (real uvicorn, the job store of ``--store``, no worker) and of a bare FastAPI app
    whose endpoints do nothing, under the same uvicorn settings (those of
    ``kontext-server serve``) and the same load generator; and their ratio;
 2. status latency p50/p99 with ``--pollers`` concurrent pollers, each polling one queued
@@ -20,6 +20,12 @@ generator is a minimal asyncio HTTP/1.1 client: httpx costs about as much CPU pe
 as the bare endpoint itself, so it would measure itself rather than the servers.
 
     .venv/bin/python benchmarks/bench_api.py [--strict] [--duration-s 5] [--clients 16]
+    .venv/bin/python benchmarks/bench_api.py --store postgresql://user@host/postgres
+
+Job store: without ``--store``, SQLite files in the temporary folder (one per phase). With
+a PostgreSQL URL, each phase that needs a store (API server + worker, overhead, queue
+position) gets a fresh database ``bench_<phase>_<random>`` created on that server (the
+URL's role needs CREATEDB) and dropped afterwards, so that no phase sees another's jobs.
 
 The exit code is 0 whatever the figures (a measurement, not a test) unless ``--strict``.
 ``run(BenchOptions(...))`` is what ``kontext-server bench-api`` calls.
@@ -38,6 +44,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import signal
 import socket
 import sqlite3
@@ -47,7 +54,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+import urllib.parse
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +66,12 @@ from PIL import Image
 
 from kontext_server.config import Settings
 from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.errors import EditCancelled
+from kontext_server.errors import ConfigError, EditCancelled
 from kontext_server.files.base import FileStore
 from kontext_server.files.local import LocalFileStore
 from kontext_server.jobs import JobStatus
+from kontext_server.store import POSTGRES_SCHEMES, open_configured_store, open_store
 from kontext_server.store.base import JobStore
-from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.main import make_fetcher, runner_limits
 from kontext_server.worker.runner import JobRunner
 
@@ -80,6 +88,7 @@ STARTUP_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 10.0
 HOLDER_LEASE_S = 600.0  # running jobs held by the benchmark while pollers watch them
 KEEP_ALL_ANSWERS = 10**7
+STORE_URL_FILE = "store-url"  # how a child learns its job store (not argv: no password in ps)
 # The submit phase queues ~5,000 jobs for one caller (authentication off: one owner); the
 # default per-key limit (1,000) would answer most of them 429. Raised to the total limit.
 MAX_QUEUED_PER_KEY = Settings().max_queue_size
@@ -111,6 +120,8 @@ class BenchOptions:
     image_side_px: int = 1024  # input and output of the overhead jobs (1024 x 1024 = 1 MP)
     engine_steps: int = 28  # step callbacks the instant engine makes, as the real one does
     folder: Path | None = None  # where the temporary folders go
+    # None: SQLite in the temporary folder; a postgresql:// URL: a fresh database per phase
+    store: str | None = None
 
 
 # --- a minimal HTTP/1.1 load generator ------------------------------------------------------------
@@ -280,13 +291,20 @@ def bare_app() -> Any:
 
 
 def kontext_app(data_dir: Path) -> Any:
-    """This server as ``kontext-server serve`` builds it, over stores in ``data_dir``, with
-    the per-key queue limit raised to ``MAX_QUEUED_PER_KEY``."""
+    """This server as ``kontext-server serve`` builds it, over the job store named in
+    ``data_dir/store-url`` and local files in ``data_dir``, with the per-key queue limit
+    raised to ``MAX_QUEUED_PER_KEY``."""
     from kontext_server.http.app import create_app
 
-    settings = Settings(data_dir=data_dir, max_queued_per_key=MAX_QUEUED_PER_KEY)
-    store = SQLiteJobStore(data_dir / "jobs.db")
+    settings = Settings(
+        data_dir=data_dir, store=_child_store_url(data_dir), max_queued_per_key=MAX_QUEUED_PER_KEY
+    )
+    store = open_configured_store(settings)
     return create_app(settings, store, LocalFileStore(data_dir / "files"))
+
+
+def _child_store_url(data_dir: Path) -> str:
+    return (data_dir / STORE_URL_FILE).read_text()
 
 
 def serve_child(kind: str, data_dir: Path) -> None:
@@ -309,8 +327,8 @@ def serve_child(kind: str, data_dir: Path) -> None:
 def worker_child(data_dir: Path) -> None:
     """Child process: a ``JobRunner`` with an instant engine on ``data_dir``'s stores,
     configured as ``kontext-server worker`` configures it, until SIGTERM."""
-    settings = Settings(data_dir=data_dir)
-    store = SQLiteJobStore(data_dir / "jobs.db")
+    settings = Settings(data_dir=data_dir, store=_child_store_url(data_dir))
+    store = open_configured_store(settings)
     engine = InstantEngine(encoded_jpeg(64), steps=1)
     runner = JobRunner(
         store,
@@ -404,6 +422,74 @@ def served(kind: str, data_dir: Path) -> Iterator[int]:
         port = int(port_text)
         asyncio.run(_wait_answers(port))
         yield port
+
+
+# --- job stores: one per phase -------------------------------------------------------------------
+def sqlite_url(data_dir: Path) -> str:
+    """The SQLite store of a phase's folder (what ``serve`` makes of ``--data-dir``)."""
+    return f"sqlite:///{(data_dir / 'jobs.db').resolve()}"
+
+
+def check_store_option(url: str | None) -> None:
+    """``--store`` is empty (SQLite) or a PostgreSQL server's URL; raises ``ConfigError``."""
+    if url is not None and not url.startswith(POSTGRES_SCHEMES):
+        raise ConfigError(
+            f"--store {_redacted(url)!r}: give a postgresql:// URL (a fresh database is"
+            " created on that server for each phase), or leave it out for SQLite files"
+        )
+
+
+def with_database(url: str, dbname: str) -> str:
+    """``url`` with its database name replaced by ``dbname`` (query parameters kept)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+def _redacted(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(
+        parts._replace(netloc=parts.netloc.replace(parts.password, "***"))
+    )
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str, phase: str) -> Iterator[str]:
+    """A new database ``bench_<phase>_<random>`` on ``server_url``'s server; yields its URL
+    and drops it afterwards (closing any connection left to it)."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"bench_{phase}_{secrets.token_hex(4)}"
+    dbname = sql.Identifier(name)
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(dbname))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            force = sql.SQL(" WITH (FORCE)" if conn.info.server_version >= 130000 else "")
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}{}").format(dbname, force))
+
+
+@contextlib.contextmanager
+def phase_store(options: BenchOptions, phase: str, data_dir: Path) -> Iterator[str]:
+    """The job store URL of one phase: SQLite in ``data_dir``, or a fresh PostgreSQL
+    database on ``options.store``'s server, dropped when the phase ends."""
+    if options.store is None:
+        yield sqlite_url(data_dir)
+        return
+    with fresh_database(options.store, phase) as url:
+        yield url
+
+
+def _postgres_version(server_url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(server_url) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "unknown"
 
 
 # --- the instant engine ---------------------------------------------------------------------------
@@ -501,9 +587,17 @@ def _status_loads(port: int, requests: list[bytes], options: BenchOptions) -> tu
 
 
 def measure_kontext(options: BenchOptions, data_dir: Path) -> dict[str, Any]:
-    """Start latency (with a worker), then submit throughput and status (no worker)."""
+    """Start latency (with a worker), then submit throughput and status (no worker), on a
+    job store of their own."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with phase_store(options, "api", data_dir) as store_url:
+        _publish(data_dir / STORE_URL_FILE, store_url)
+        return _measure_kontext(options, data_dir, store_url)
+
+
+def _measure_kontext(options: BenchOptions, data_dir: Path, store_url: str) -> dict[str, Any]:
     with served("kontext", data_dir) as port:
-        start = measure_start_latency(port, data_dir, options)
+        start = measure_start_latency(port, data_dir, store_url, options)
         submit = asyncio.run(
             closed_loop(
                 port,
@@ -514,7 +608,7 @@ def measure_kontext(options: BenchOptions, data_dir: Path) -> dict[str, Any]:
                 keep=KEEP_ALL_ANSWERS,  # the pollers pick theirs along the whole line
             )
         )
-        polled = _polled_requests(submit.bodies, data_dir, options)
+        polled = _polled_requests(submit.bodies, store_url, options)
         requests = [http_request("GET", path, port) for path in polled.paths]
         status, saturated = _status_loads(port, requests, options)
     return {
@@ -543,12 +637,12 @@ class _Polled:
         }
 
 
-def _polled_requests(bodies: list[bytes], data_dir: Path, options: BenchOptions) -> _Polled:
+def _polled_requests(bodies: list[bytes], store_url: str, options: BenchOptions) -> _Polled:
     """Status paths of the requests the pollers watch, one per poller: ``running_jobs`` of
     them (at most all) are claimed here from the front of the queue and held running; the
     others stay queued, spread along the line of answers kept from the submit phase."""
     answered_ids = [json.loads(body)["request_id"] for body in bodies]
-    store = SQLiteJobStore(data_dir / "jobs.db")
+    store = open_store(store_url)
     try:
         running = [
             store.claim("bench-holder", HOLDER_LEASE_S)
@@ -574,12 +668,14 @@ def _status_path(request_id: str) -> str:
 
 
 # --- 4: submit -> running with an idle worker -----------------------------------------------------
-def measure_start_latency(port: int, data_dir: Path, options: BenchOptions) -> dict[str, Any]:
+def measure_start_latency(
+    port: int, data_dir: Path, store_url: str, options: BenchOptions
+) -> dict[str, Any]:
     """Submit one job at a time to an idle worker; the gap from the submit answer (and from
     the job's creation) to the job's ``started_at``. Between samples a random pause puts the
     submit at a random point of the worker's poll cycle."""
     with _Child(["worker", str(data_dir)], data_dir, "worker-ready") as poll_text:
-        store = SQLiteJobStore(data_dir / "jobs.db")
+        store = open_store(store_url)
         try:
             samples = asyncio.run(_start_samples(port, store, options.start_samples, poll_text))
         finally:
@@ -635,7 +731,7 @@ class _Timed:
 
     def __init__(self, inner: object) -> None:
         self.inner = inner
-        self.spent_s: Counter[str] = Counter()
+        self.spent_s: defaultdict[str, float] = defaultdict(float)
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.inner, name)
@@ -677,8 +773,8 @@ class _OverheadRig:
     runner: _InputTimedRunner
 
     @classmethod
-    def build(cls, folder: Path, options: BenchOptions) -> _OverheadRig:
-        store = _Timed(SQLiteJobStore(folder / "jobs.db"))
+    def build(cls, folder: Path, store_url: str, options: BenchOptions) -> _OverheadRig:
+        store = _Timed(open_store(store_url))
         files = _Timed(LocalFileStore(folder / "files"))
         engine = InstantEngine(encoded_jpeg(options.image_side_px), steps=options.engine_steps)
         # A real step takes longer than the progress throttle, so every step writes.
@@ -702,7 +798,7 @@ class _OverheadRig:
 
     def close(self) -> None:
         self.runner.close()
-        cast(SQLiteJobStore, self.store.inner).close()
+        cast(JobStore, self.store.inner).close()
 
 
 def overhead_job_input(data_uri: str) -> dict[str, Any]:
@@ -719,10 +815,15 @@ def overhead_job_input(data_uri: str) -> dict[str, Any]:
 def measure_job_overhead(options: BenchOptions, folder: Path) -> dict[str, Any]:
     """``JobRunner.run_next`` (claim -> finish) on an in-process store, minus the engine's own
     time, for jobs whose input is a ~1 MP JPEG data URI. One warm-up job is not counted."""
+    with phase_store(options, "overhead", folder) as store_url:
+        return _measure_job_overhead(options, folder, store_url)
+
+
+def _measure_job_overhead(options: BenchOptions, folder: Path, store_url: str) -> dict[str, Any]:
     from kontext_server.service import QueueService
 
     data_uri = jpeg_data_uri(options.image_side_px)
-    rig = _OverheadRig.build(folder, options)
+    rig = _OverheadRig.build(folder, store_url, options)
     try:
         service = QueueService(cast(JobStore, rig.store), cast(FileStore, rig.files), Settings())
         job_input = overhead_job_input(data_uri)
@@ -802,9 +903,17 @@ def _sibling(name: str) -> ModuleType:
 
 
 def measure_queue_position(options: BenchOptions) -> dict[str, Any]:
-    figures: dict[str, Any] = _sibling("queue_position").run(
-        options.queued_jobs, options.queue_samples, options.folder
-    )
+    """``queue_position.run`` on a store of its own: a temporary SQLite file, or a fresh
+    PostgreSQL database."""
+    run_queue = _sibling("queue_position").run
+    figures: dict[str, Any]
+    if options.store is None:
+        figures = run_queue(options.queued_jobs, options.queue_samples, options.folder)
+    else:
+        with fresh_database(options.store, "queue") as dsn:
+            figures = run_queue(
+                options.queued_jobs, options.queue_samples, store_kind="postgres", dsn=dsn
+            )
     positions = figures["queue_position"]
     return {
         "queued_jobs": figures["queued_jobs"],
@@ -837,22 +946,27 @@ def _verdicts(measured: dict[str, float]) -> list[dict[str, Any]]:
     return verdicts
 
 
-def _environment() -> dict[str, Any]:
-    return {
+def _environment(options: BenchOptions) -> dict[str, Any]:
+    environment: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "store": "sqlite" if options.store is None else "postgresql",
         "sqlite": sqlite3.sqlite_version,
         "machine": platform.machine(),
         "system": platform.system(),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    if options.store is not None:
+        environment["postgresql"] = _postgres_version(options.store)
+    return environment
 
 
 def run(options: BenchOptions | None = None) -> dict[str, Any]:
     """Every figure, the targets and pass/fail, as one JSON-ready dict."""
     options = options or BenchOptions()
+    check_store_option(options.store)
     started = time.perf_counter()
-    environment = _environment()
+    environment = _environment(options)
     with tempfile.TemporaryDirectory(prefix="kontext-bench-api-", dir=options.folder) as temp:
         folder = Path(temp)
         bare = measure_bare(options, folder / "bare")
@@ -893,12 +1007,19 @@ def run(options: BenchOptions | None = None) -> dict[str, Any]:
         "queue_position": queue,
         "submit_to_running": kontext["submit_to_running"],
         "job_overhead": overhead,
-        "options": {
-            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()
-        },
+        "options": _described_options(options),
         "environment": environment,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
+
+
+def _described_options(options: BenchOptions) -> dict[str, Any]:
+    described = {
+        k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()
+    }
+    if options.store is not None:
+        described["store"] = _redacted(options.store)
+    return described
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -906,13 +1027,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     defaults = BenchOptions()
     for option in dataclasses.fields(BenchOptions):
-        if option.name == "folder":
+        if option.name in ("folder", "store"):
             continue
         default = getattr(defaults, option.name)
         parser.add_argument(
             f"--{option.name.replace('_', '-')}", type=type(default), default=default
         )
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary folders go")
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="a PostgreSQL server (postgresql://...): a fresh database per phase; default:"
+        " SQLite files in the temporary folder",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     return parser
 
@@ -927,6 +1055,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = vars(_parser().parse_args(argv))
     strict, folder = args.pop("strict"), args.pop("dir")
+    try:
+        check_store_option(args["store"])
+    except ConfigError as error:
+        _parser().error(str(error))
     figures = run(BenchOptions(**args, folder=folder))
     print(json.dumps(figures, indent=2))
     return 1 if strict and not figures["all_targets_met"] else 0

@@ -208,6 +208,20 @@ class _Deadline:
         return remaining_s if timeout_s is None else min(timeout_s, remaining_s)
 
 
+def _literal_addresses(host: str, port: int) -> list[str] | None:
+    """The addresses of a host that needs no DNS (an address literal in any spelling the
+    system accepts, or ``localhost``); ``None`` for a name that must be resolved."""
+    if host.lower().rstrip(".") == "localhost" or host.lower().endswith(".localhost"):
+        return ["127.0.0.1", "::1"]
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+        )
+    except (socket.gaierror, UnicodeError):
+        return None
+    return sorted({str(info[4][0]) for info in infos})
+
+
 def system_resolver(host: str, port: int) -> list[str]:
     """The system's resolver (``getaddrinfo``): every TCP address of ``host``."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -502,6 +516,37 @@ class SafeFetcher:
         except httpx.HTTPError as exc:
             raise self._network_error(original, hop, exc, deadline) from exc
 
+    def precheck(self, url: str, *, label: str = "image_url") -> None:
+        """The checks that need no DNS, for submit time: the scheme, the port, and hosts that
+        are address literals in any spelling (``127.1``, ``2130706433``, ``[::1]``) or
+        ``localhost``. Names are checked again, resolved, when fetched or delivered to.
+        Raises ``URLNotAllowedError``."""
+        hop = self._parse(url, label)
+        try:
+            if hop.scheme not in _DEFAULT_PORTS:
+                raise _Refused(
+                    f"only http and https URLs can be fetched, not {hop.scheme or 'scheme-less'}"
+                    ": URLs"
+                )
+            host = hop.raw_host.decode("ascii")
+            port = hop.port or _DEFAULT_PORTS[hop.scheme]
+            addresses = _literal_addresses(host, port)
+            host_allowed = self._allowed.has_host(host) or (
+                addresses is not None and self._check_addresses(hop.host, addresses)
+            )
+            if not host_allowed and port not in self.allow_ports:
+                raise _Refused(self._port_refusal(port))
+        except _Refused as refusal:
+            raise URLNotAllowedError(f"{label} {_shown(url)} is not allowed: {refusal}") from None
+
+    def _port_refusal(self, port: int) -> str:
+        ports = ", ".join(str(p) for p in self.allow_ports) or "none"
+        return (
+            f"port {port} is not allowed (allowed ports: {ports}; an operator can allow "
+            "more with KONTEXT_FETCH_ALLOW_PORTS or allow the host with "
+            "KONTEXT_FETCH_ALLOW_HOSTS)"
+        )
+
     def _check(self, original: str, hop: httpx.URL, label: str, deadline: _Deadline) -> _Pin:
         try:
             return self._pin(hop, deadline)
@@ -534,12 +579,7 @@ class SafeFetcher:
         if not host_allowed:
             host_allowed = self._check_addresses(url.host, addresses)
         if not host_allowed and port not in self.allow_ports:
-            ports = ", ".join(str(p) for p in self.allow_ports) or "none"
-            raise _Refused(
-                f"port {port} is not allowed (allowed ports: {ports}; an operator can allow "
-                "more with KONTEXT_FETCH_ALLOW_PORTS or allow the host with "
-                "KONTEXT_FETCH_ALLOW_HOSTS)"
-            )
+            raise _Refused(self._port_refusal(port))
         return _Pin(host, port, tuple(addresses))
 
     def _check_addresses(self, host: str, addresses: Sequence[str]) -> bool:

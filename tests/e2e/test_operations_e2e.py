@@ -21,7 +21,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def test_worker_metrics_are_served_by_the_api_process(live_server: ServerProcess) -> None:
     with httpx.Client(base_url=live_server.base_url, timeout=10.0) as client:
-        before = metric(client.get("/metrics").text, "kontext_jobs_finished_total")
+        before = metric(
+            client.get("/metrics").text,
+            "kontext_jobs_finished_total",
+            endpoint=ENDPOINT,
+            status="succeeded",
+        )
         answer = client.post(
             f"/{ENDPOINT}", json={"prompt": "p", "image_url": make_input_data_uri()}
         )

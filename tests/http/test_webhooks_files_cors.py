@@ -67,7 +67,7 @@ def receiver() -> Iterator[Receiver]:
 
 def allowing_receiver_port(settings: Settings, receiver: Receiver) -> Settings:
     port = int(receiver.url.split(":")[2].split("/")[0])
-    return settings.model_copy(update={"fetch_allow_ports": [port]})
+    return settings.model_copy(update={"fetch_allow_ports": [*settings.fetch_allow_ports, port]})
 
 
 def test_a_finished_request_with_a_webhook_leaves_an_outbox_row(

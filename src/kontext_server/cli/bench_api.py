@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from kontext_server.cli._app import app
+from kontext_server.errors import ConfigError
 
 __all__ = ["bench_api", "find_benchmark"]
 
@@ -72,10 +73,23 @@ def bench_api(
     folder: Annotated[
         Path | None, typer.Option("--dir", help="Where the temporary folders go.")
     ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            metavar="URL",
+            help="A PostgreSQL server (postgresql://...): each phase gets a fresh database"
+            " on it, dropped afterwards. Default: SQLite files in the temporary folder.",
+        ),
+    ] = None,
     strict: Annotated[bool, typer.Option(help="Exit 1 when a target is missed.")] = False,
 ) -> None:
     """Measure the API and the queue on loopback; print every figure as JSON."""
     module = _load(find_benchmark())
+    try:
+        module.check_store_option(store)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--store") from error
     options = module.BenchOptions(
         clients=clients,
         duration_s=duration_s,
@@ -89,6 +103,7 @@ def bench_api(
         overhead_jobs=overhead_jobs,
         image_side_px=image_side_px,
         folder=folder,
+        store=store,
     )
     figures: dict[str, Any] = module.run(options)
     typer.echo(json.dumps(figures, indent=2))

@@ -112,6 +112,7 @@ def create_app(
         poll_interval_s=poll_interval_s,
         max_body_bytes=_max_body_bytes(settings),
         max_data_uri_bytes=settings.max_image_bytes,
+        url_checker=_webhook_fetcher(settings),
     )
     background = _Background(
         MaintenanceLoop(store, interval_s=maintenance_interval_s),

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from kontext_server.auth import Authenticator, Principal
 from kontext_server.config import Settings
+from kontext_server.fetch import SafeFetcher
 from kontext_server.files.base import FileStore
 from kontext_server.http.sse import StreamSlots
 from kontext_server.service import QueueService
@@ -28,6 +29,7 @@ class ApiContext:
     max_body_bytes: int
     max_data_uri_bytes: int  # decoded size of one data: URI image
     stream_slots: StreamSlots = field(default_factory=StreamSlots)  # open SSE streams per key
+    url_checker: SafeFetcher | None = None  # submit-time URL policy (same lists as fetching)
 
 
 async def api_context(request: Request) -> ApiContext:

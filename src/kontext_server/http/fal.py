@@ -19,7 +19,13 @@ from starlette.concurrency import run_in_threadpool
 
 from kontext_server.http.context import ApiContext, Caller, Context, site_base
 from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
-from kontext_server.http.submission import input_model, read_input, submit_options, webhook_url
+from kontext_server.http.submission import (
+    input_model,
+    precheck_urls,
+    read_input,
+    submit_options,
+    webhook_url,
+)
 from kontext_server.http.wire import (
     REQUEST_ID_HEADER,
     RequestUrls,
@@ -163,9 +169,7 @@ class _QueueRoutes:
         if job is not None:
             outcome = context.service.cancel(job.id, principal.owner)
         code, status = _CANCEL_ANSWERS[outcome]
-        return JSONResponse(
-            {"status": status}, status_code=code, headers=_echoed_id(request_id)
-        )
+        return JSONResponse({"status": status}, status_code=code, headers=_echoed_id(request_id))
 
 
 async def run(endpoint: str, request: Request, context: Context, principal: Caller) -> JSONResponse:
@@ -193,6 +197,10 @@ async def _submit(
         max_data_uri_bytes=context.max_data_uri_bytes,
     )
     options = submit_options(request)
+    webhook = webhook_url(request)
+    if context.url_checker is not None:
+        own_files_url = f"{site_base(request)}/files/"
+        precheck_urls(job_input, webhook, context.url_checker, own_files_url=own_files_url)
     submit = functools.partial(
         context.service.submit,
         endpoint.strip("/"),
@@ -200,7 +208,7 @@ async def _submit(
         owner=owner,
         priority=options.priority,
         start_timeout_s=options.start_timeout_s,
-        webhook_url=webhook_url(request),
+        webhook_url=webhook,
         base_url=site_base(request),
         idempotency_key=options.idempotency_key,
         retry=options.retry,

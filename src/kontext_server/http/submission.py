@@ -17,6 +17,8 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from kontext_server.errors import ImageFetchError
+from kontext_server.fetch import SafeFetcher
 from kontext_server.http.schemas import ENDPOINTS, FalInput
 from kontext_server.jobs import PRIORITY_LOW, PRIORITY_NORMAL
 
@@ -210,6 +212,35 @@ def webhook_url(request: Request) -> str | None:
             f"characters; got {url[:80]!r}",
         )
     return url.strip()
+
+
+def precheck_urls(
+    job_input: dict[str, Any], webhook: str | None, checker: SafeFetcher, *, own_files_url: str
+) -> None:
+    """Refuse, at submit, the image and webhook URLs that can be judged without DNS (address
+    literals in any spelling, localhost, schemes, ports): a clear 422 now instead of a failed
+    request later. Names are checked again when fetched (worker) or delivered to (webhook).
+    Image URLs under ``own_files_url`` (this server's own uploads and outputs, as the client
+    reached us) are read by the worker from the file store, never fetched, so they pass."""
+    targets: list[tuple[tuple[str | int, ...], str, str]] = []
+    if isinstance(job_input.get("image_url"), str):
+        targets.append((("body", "image_url"), job_input["image_url"], "image_url"))
+    for index, url in enumerate(job_input.get("image_urls") or []):
+        targets.append((("body", "image_urls", index), url, f"image_urls[{index}]"))
+    if webhook is not None:
+        targets.append((("query", "fal_webhook"), webhook, "fal_webhook"))
+    errors: list[dict[str, Any]] = []
+    for loc, url, label in targets:
+        if not url.startswith(("http://", "https://")):
+            continue  # data: URIs were checked by the schema
+        if loc[0] == "body" and url.startswith(own_files_url):
+            continue
+        try:
+            checker.precheck(url, label=label)
+        except ImageFetchError as exc:
+            errors.append({"loc": loc, "msg": str(exc), "type": "url_not_allowed"})
+    if errors:
+        raise RequestValidationError(errors)
 
 
 def _invalid(loc: tuple[str | int, ...], kind: str, message: str) -> RequestValidationError:
