@@ -11,7 +11,6 @@ from typing import cast
 
 import pytest
 from fastapi.testclient import TestClient
-from s3_fixtures import S3Server
 
 from kontext_server.config import Settings
 from kontext_server.files import open_file_store
@@ -22,6 +21,7 @@ from kontext_server.jobs import JobStatus, NewJob, PurgedJob
 from kontext_server.retention import CleanupLoop
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
+from s3_fixtures import S3Server
 
 DAY_S = 24 * 3600.0
 ENDPOINT = "fal-ai/flux-pro/kontext/max"

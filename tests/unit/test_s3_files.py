@@ -13,7 +13,6 @@ import httpx
 import pytest
 from PIL import Image
 from pydantic import SecretStr
-from s3_fixtures import S3Server
 
 from kontext_server.config import Settings
 from kontext_server.editing import EditRequest, EditResult, EncodedImage
@@ -25,6 +24,7 @@ from kontext_server.jobs import JobStatus, NewJob
 from kontext_server.service import QueueService
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.runner import JobRunner
+from s3_fixtures import S3Server
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n not really a png, S3 does not care"
 KEY = "AbCdEfGhIjKlMnOpQrStUvWx/1-0.png"
