@@ -42,7 +42,9 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s worker %(name)s: %(message)s"
     )
-    settings = Settings(store=args.store, files=args.files, lease_s=args.lease_s)
+    settings = Settings(
+        store=args.store, files=args.files, lease_s=args.lease_s, heartbeat_s=args.lease_s / 4
+    )
     store = open_configured_store(settings)
     files = open_file_store(settings.files_url(), settings)
     runner = JobRunner(
