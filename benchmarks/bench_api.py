@@ -70,6 +70,7 @@ from kontext_server.errors import ConfigError, EditCancelled
 from kontext_server.files.base import FileStore
 from kontext_server.files.local import LocalFileStore
 from kontext_server.jobs import JobStatus
+from kontext_server.logs import configure_logging
 from kontext_server.store import POSTGRES_SCHEMES, open_configured_store, open_store
 from kontext_server.store.base import JobStore
 from kontext_server.worker.main import make_fetcher, runner_limits
@@ -317,9 +318,20 @@ def serve_child(kind: str, data_dir: Path) -> None:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((LOOPBACK, 0))
     listener.listen(2048)
-    app = bare_app() if kind == "bare" else kontext_app(data_dir)
-    # The settings of `kontext-server serve` (cli/serve.py): INFO logs, access log on.
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    if kind == "bare":
+        # INFO logs with uvicorn's access log: one line per request.
+        config = uvicorn.Config(bare_app(), log_level="info", timeout_graceful_shutdown=5)
+    else:
+        # The settings of `kontext-server serve` (cli/serve.py): our INFO logging, one line per
+        # request from the access-log middleware, uvicorn's own access log off.
+        configure_logging("INFO")
+        config = uvicorn.Config(
+            kontext_app(data_dir),
+            log_level="info",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     _publish(data_dir / "port", str(listener.getsockname()[1]))
     uvicorn.Server(config).run(sockets=[listener])
 

@@ -58,6 +58,7 @@ from kontext_server.store.common import (
 from kontext_server.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
+    "API_KEYS_CACHE_S",
     "CANCELLED_ERROR",
     "CANCELLED_ERROR_TYPE",
     "START_TIMEOUT_ERROR",
@@ -68,6 +69,10 @@ __all__ = [
 ]
 
 BUSY_TIMEOUT_MS = 10_000
+# How long has_api_keys() trusts its last answer. Authentication asks on every request (~3 % of
+# the API's CPU under submits); keys created or revoked through this store object take effect
+# at once, through another process (`kontext-server keys`) within this many seconds.
+API_KEYS_CACHE_S = 1.0
 WORK_POLL_INTERVAL_S = 0.02  # wait_for_work's look at the table when no in-process signal came
 
 _FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
@@ -162,6 +167,7 @@ class SQLiteJobStore:
         # API's submit throughput fell to a third under 16 concurrent submits). Other
         # processes still meet busy_timeout.
         self._write_lock = threading.RLock()
+        self._api_keys_known: tuple[float, bool] | None = None  # (time.monotonic(), answer)
         self._pid = os.getpid()
         self._closed = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -739,6 +745,7 @@ class SQLiteJobStore:
             )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot create API key {key_id!r}: {exc}") from exc
+        self._api_keys_known = None
         return _api_key_from_row(row)
 
     def find_api_key(self, key_hash: str) -> ApiKey | None:
@@ -763,12 +770,18 @@ class SQLiteJobStore:
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
             (self._clock(), key_id),
         )
+        self._api_keys_known = None
         return cursor.rowcount == 1
 
     def has_api_keys(self) -> bool:
+        """Cached for ``API_KEYS_CACHE_S`` (monotonic time, not the store's clock)."""
+        known, now = self._api_keys_known, time.monotonic()
+        if known is not None and now - known[0] < API_KEYS_CACHE_S:
+            return known[1]
         row = (
             self._conn()
             .execute("SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)")
             .fetchone()
         )
+        self._api_keys_known = (now, bool(row[0]))
         return bool(row[0])
