@@ -14,10 +14,10 @@ missing files.
 from __future__ import annotations
 
 import logging
-import threading
 
 from kontext_server.files.base import FileStore
 from kontext_server.jobs import PurgedJob
+from kontext_server.periodic import PeriodicTask
 from kontext_server.store.base import JobStore
 
 __all__ = ["DEFAULT_CLEANUP_BATCH", "CleanupLoop"]
@@ -45,10 +45,8 @@ class CleanupLoop:
             raise ValueError(f"interval_s must be > 0 and batch >= 1 (got {interval_s}, {batch})")
         self._store = store
         self._files = files
-        self._interval_s = interval_s
         self._batch = batch
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._task = PeriodicTask("retention-cleanup", self.run_once, interval_s)
 
     def run_once(self) -> int:
         """Purge until less than a full batch comes back (or ``stop()``); returns how many
@@ -58,30 +56,17 @@ class CleanupLoop:
             jobs = self._store.purge_expired(self._batch)
             self._delete_files(jobs)
             purged += len(jobs)
-            if len(jobs) < self._batch or self._stop.is_set():
+            if len(jobs) < self._batch or self._task.stopping:
                 break
         if purged:
             log.info("retention: purged %d finished job(s) and their files", purged)
         return purged
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="retention-cleanup", daemon=True)
-        self._thread.start()
+        self._task.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # a locked or unreachable store must not end the loop
-                log.exception("retention cleanup failed; retrying in %.0f s", self._interval_s)
-            self._stop.wait(self._interval_s)
+        self._task.stop(timeout_s)
 
     def _delete_files(self, jobs: list[PurgedJob]) -> None:
         for job in jobs:

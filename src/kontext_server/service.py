@@ -16,7 +16,6 @@ one; the store's maintenance calls are idempotent.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from kontext_server.config import Settings
 from kontext_server.errors import KontextError
 from kontext_server.files.base import FileStore
 from kontext_server.jobs import PRIORITY_NORMAL, CancelOutcome, Job, JobEvent, JobStatus, NewJob
+from kontext_server.periodic import PeriodicTask
 from kontext_server.store.base import JobStore
 from kontext_server.webhooks import bfl
 
@@ -247,29 +247,14 @@ class MaintenanceLoop:
 
     def __init__(self, store: JobStore, *, interval_s: float = 1.0) -> None:
         self._store = store
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._task = PeriodicTask("queue-maintenance", self.run_once, interval_s)
 
     def run_once(self) -> int:
         """One pass; returns how many jobs changed."""
         return self._store.requeue_expired() + self._store.expire_unstarted()
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="queue-maintenance", daemon=True)
-        self._thread.start()
+        self._task.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # a locked or vanished DB must not kill the loop
-                log.exception("queue maintenance failed; retrying in %.1f s", self._interval_s)
-            self._stop.wait(self._interval_s)
+        self._task.stop(timeout_s)

@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -50,6 +49,7 @@ from kontext_server.auth import AuthError
 from kontext_server.config import Settings
 from kontext_server.errors import ImageFetchError, InputError
 from kontext_server.files.base import FileStore, StoredFile, content_type_for_key
+from kontext_server.periodic import PeriodicTask
 
 __all__ = [
     "UPLOAD_PREFIX",
@@ -350,10 +350,8 @@ class UploadCleanupLoop:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._files = files
-        self._interval_s = interval_s
         self._clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._task = PeriodicTask("upload-cleanup", self.run_once, interval_s)
 
     def run_once(self) -> int:
         """Delete the files of every upload folder whose hour has passed; returns how many."""
@@ -389,15 +387,10 @@ class UploadCleanupLoop:
                 UPLOAD_PREFIX,
             )
             return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="upload-cleanup", daemon=True)
-        self._thread.start()
+        self._task.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._task.stop(timeout_s)
 
     @asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
@@ -407,14 +400,6 @@ class UploadCleanupLoop:
             yield
         finally:
             self.stop()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # a vanished folder or a full disk must not end the loop
-                log.exception("uploads: cleanup failed; retrying in %.0f s", self._interval_s)
-            self._stop.wait(self._interval_s)
 
 
 # --- the worker's side -------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_a_file_that_cannot_be_deleted_does_not_keep_the_others(
     store = PurgeOnlyStore([[purged("a", "k1", "k2", "k3")]])
     files = RecordingFiles(broken=frozenset({"k2"}))
     loop = loop_over(store, files, interval_s=60)
-    with caplog.at_level(logging.ERROR, logger="kontext_server.retention"):
+    with caplog.at_level(logging.ERROR, logger="kontext_server.periodic"):
         assert loop.run_once() == 1
     assert files.deleted == ["k1", "k3"]
     assert "cannot delete file k2 of job a" in caplog.text
@@ -117,13 +117,13 @@ def test_the_thread_survives_store_errors_and_tries_again_next_interval(
     store = PurgeOnlyStore([[purged("a", "ka")]], failures=2)
     files = RecordingFiles()
     loop = loop_over(store, files, interval_s=0.01)
-    with caplog.at_level(logging.ERROR, logger="kontext_server.retention"):
+    with caplog.at_level(logging.ERROR, logger="kontext_server.periodic"):
         loop.start()
         try:
             wait_until(lambda: files.deleted == ["ka"])
         finally:
             loop.stop()
-    assert caplog.text.count("retention cleanup failed") == 2
+    assert caplog.text.count("retention-cleanup failed") == 2
 
 
 def test_stop_ends_the_thread_promptly_even_with_a_long_interval() -> None:
