@@ -352,7 +352,7 @@ def worker_child(data_dir: Path) -> None:
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _publish(data_dir / "worker-ready", f"{runner.limits.claim_poll_s}")
+    _publish(data_dir / "worker-ready", f"{Settings().claim_poll_s}")
     try:
         runner.run_forever(stop)
     finally:

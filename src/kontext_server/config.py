@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
     max_attempts: int = 3
-    claim_poll_s: float = 0.02
+    claim_poll_s: float = 0.02  # SQLite: how often an idle worker looks (PostgreSQL: NOTIFY)
     max_queued_per_key: int = 1000  # 429 + Retry-After past this
     max_queue_size: int = 100_000  # all keys together
     job_timeout_s: float = 900.0  # a run longer than this fails and its worker is replaced

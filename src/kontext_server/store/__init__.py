@@ -13,7 +13,11 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_store(
-    url: str, *, default_retention_s: float = DEFAULT_RETENTION_S, pg_pool_max: int = 10
+    url: str,
+    *,
+    default_retention_s: float = DEFAULT_RETENTION_S,
+    pg_pool_max: int = 10,
+    sqlite_work_poll_s: float = 0.02,
 ) -> JobStore:
     """``sqlite:///abs/path.db`` (or ``sqlite:///:memory:`` for tests), or a PostgreSQL URL
     ``postgresql://user:password@host:5432/dbname`` (``postgres://`` too; libpq query
@@ -23,7 +27,9 @@ def open_store(
         from kontext_server.store.sqlite import SQLiteJobStore
 
         return SQLiteJobStore(
-            url.removeprefix("sqlite:///"), default_retention_s=default_retention_s
+            url.removeprefix("sqlite:///"),
+            default_retention_s=default_retention_s,
+            work_poll_s=sqlite_work_poll_s,
         )
     if url.startswith(POSTGRES_SCHEMES):
         from kontext_server.store.postgres import PostgresJobStore
@@ -41,4 +47,5 @@ def open_configured_store(settings: Settings) -> JobStore:
         settings.store_url(),
         default_retention_s=settings.result_retention_s,
         pg_pool_max=settings.pg_pool_max,
+        sqlite_work_poll_s=settings.claim_poll_s,
     )

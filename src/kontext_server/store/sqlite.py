@@ -150,8 +150,10 @@ class SQLiteJobStore:
         *,
         clock: Callable[[], float] = time.time,
         default_retention_s: float = DEFAULT_RETENTION_S,
+        work_poll_s: float = WORK_POLL_INTERVAL_S,
     ):
         self._clock = clock
+        self._work_poll_s = work_poll_s
         self._default_retention_s = check_retention_s(default_retention_s, "default_retention_s")
         self._work_signal = threading.Condition()
         self._temp_dir: str | None = None
@@ -444,14 +446,14 @@ class SQLiteJobStore:
     def wait_for_work(self, timeout_s: float, *, engine: str = "local") -> None:
         """Returns as soon as a job of ``engine`` is queued (at once if one already is), or
         after ``timeout_s``. Submits through this object wake it at once; others are seen by
-        a poll every ``WORK_POLL_INTERVAL_S``."""
+        a poll every ``work_poll_s``."""
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while not self._anything_queued(engine):
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return
             with self._work_signal:
-                self._work_signal.wait(min(remaining_s, WORK_POLL_INTERVAL_S))
+                self._work_signal.wait(min(remaining_s, self._work_poll_s))
 
     def _signal_work(self) -> None:
         with self._work_signal:

@@ -54,6 +54,7 @@ from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.logs import request_context
 from kontext_server.store import open_configured_store
 from kontext_server.store.base import JobStore
+from kontext_server.worker.drain import DrainDeadline
 from kontext_server.worker.runner import EXECUTION_TIMEOUT_ERROR_TYPE
 
 __all__ = [
@@ -333,7 +334,7 @@ class BflWorker:
         self._in_flight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
         self._slot_freed = threading.Event()
-        self._drain_deadline: float | None = None  # see JobRunner: no lock (signal handlers)
+        self._drain = DrainDeadline()
 
     # --- the loop ------------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event | None = None) -> None:
@@ -426,18 +427,15 @@ class BflWorker:
         """Stop claiming now; jobs in flight may run ``timeout_s`` more, then they are handed
         back (their upstream tasks recorded, so the next worker resumes them). Safe from a
         signal handler; a later call can only shorten the time."""
-        deadline = time.monotonic() + timeout_s
-        current = self._drain_deadline
-        self._drain_deadline = deadline if current is None else min(current, deadline)
+        self._drain.request(timeout_s)
         self._slot_freed.set()
 
     @property
     def draining(self) -> bool:
-        return self._drain_deadline is not None
+        return self._drain.active
 
-    def _drain_time_is_up(self) -> bool:
-        deadline = self._drain_deadline
-        return deadline is not None and time.monotonic() >= deadline
+    def drain_time_is_up(self) -> bool:
+        return self._drain.time_is_up()
 
     # --- one job -----------------------------------------------------------------------------
     def run(self, entry: _InFlight) -> None:
@@ -719,7 +717,7 @@ class _Attempt:
             raise _Abandoned
         if self.store.is_cancel_requested(self.job.id):
             raise EditCancelled(self.job.id)
-        if self.worker._drain_time_is_up():
+        if self.worker.drain_time_is_up():
             raise _HandBack
         if time.monotonic() >= self.deadline:
             raise UpstreamFailure(

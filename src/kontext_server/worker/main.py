@@ -44,7 +44,6 @@ def runner_limits(settings: Settings) -> RunnerLimits:
     return RunnerLimits(
         lease_s=settings.lease_s,
         heartbeat_s=settings.heartbeat_s,
-        claim_poll_s=settings.claim_poll_s,
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         job_timeout_s=settings.job_timeout_s,

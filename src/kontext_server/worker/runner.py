@@ -45,6 +45,7 @@ from kontext_server.metrics import JobMetrics
 from kontext_server.safety_policy import ContentSafety, SafetyPolicy, level_of
 from kontext_server.store.base import JobStore
 from kontext_server.uploads import read_own_file
+from kontext_server.worker.drain import DrainDeadline
 from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
 
 __all__ = ["EXECUTION_TIMEOUT_ERROR_TYPE", "JobRunner", "RunnerLimits"]
@@ -60,7 +61,6 @@ STORE_RETRY_S = 1.0  # pause of the worker loop while the job store is unreachab
 class RunnerLimits:
     lease_s: float = 20.0
     heartbeat_s: float = 2.0
-    claim_poll_s: float = 0.02
     idle_wait_s: float = 0.5  # longest wait for work between claims when idle (woken earlier)
     progress_interval_s: float = 0.1  # progress writes are throttled, the last step never is
     max_image_bytes: int = 32 * 1024 * 1024
@@ -164,9 +164,7 @@ class JobRunner:
         self.metrics = metrics
         self._last_edit: EditResult | None = None  # the current job's, for metrics
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="worker-io")
-        # Written by ``drain`` (possibly from a signal handler), read by the loop: a plain
-        # attribute, no lock, because a handler must never wait on a lock its thread holds.
-        self._drain_deadline: float | None = None
+        self._drain = DrainDeadline()
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Claim and run jobs until ``stop`` is set (the job in hand is finished) or
@@ -201,17 +199,11 @@ class JobRunner:
         interrupted at its next step and handed back to the queue (its place kept, the attempt
         not counted). Safe to call from a signal handler; a later call can only shorten the
         time."""
-        deadline = time.monotonic() + timeout_s
-        current = self._drain_deadline
-        self._drain_deadline = deadline if current is None else min(current, deadline)
+        self._drain.request(timeout_s)
 
     @property
     def draining(self) -> bool:
-        return self._drain_deadline is not None
-
-    def _drain_time_is_up(self) -> bool:
-        deadline = self._drain_deadline
-        return deadline is not None and time.monotonic() >= deadline
+        return self._drain.active
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
@@ -278,7 +270,7 @@ class JobRunner:
         """Polled between denoising steps: lease lost, drain time up, or cancel requested."""
         return (
             lease.lost.is_set()
-            or self._drain_time_is_up()
+            or self._drain.time_is_up()
             or self.store.is_cancel_requested(job.id)
         )
 
@@ -295,7 +287,7 @@ class JobRunner:
             self._last_edit = result
             return JobStatus.SUCCEEDED, {"result": self._publish(job, request, result, nsfw_flags)}
         except EditCancelled:
-            if self._drain_time_is_up() and not self.store.is_cancel_requested(job.id):
+            if self._drain.time_is_up() and not self.store.is_cancel_requested(job.id):
                 return JobStatus.QUEUED, {}
             return JobStatus.CANCELED, {
                 "error": CANCELLED_MESSAGE,
