@@ -21,6 +21,7 @@ __all__ = [
     "Progress",
     "PurgedJob",
     "QueueDepth",
+    "Submitted",
     "WebhookDelivery",
 ]
 
@@ -92,6 +93,15 @@ class Job:
     # What an upstream engine recorded before waiting on its provider (``set_upstream``), so
     # that a later attempt resumes the same upstream task instead of paying for another.
     upstream: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """One answer of ``JobStore.submit_many``."""
+
+    job: Job
+    created: bool  # False: an earlier job with the same idempotency key (``job`` is that one)
+    queue_position: int  # queued jobs ahead of it when the batch committed (0 if not queued)
 
 
 @dataclass(frozen=True, slots=True)

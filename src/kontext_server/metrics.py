@@ -28,6 +28,7 @@ from kontext_server.store.base import JobStore
 
 __all__ = [
     "MULTIPROC_ENV",
+    "SUBMIT_BATCH_SIZE",
     "JobMetrics",
     "QueueCollector",
     "prepare_multiprocess_dir",
@@ -61,6 +62,11 @@ STEPS_PER_SECOND = Gauge(
     multiprocess_mode="liveall",
 )
 WORKERS = Gauge("kontext_workers", "Worker processes alive", multiprocess_mode="livesum")
+SUBMIT_BATCH_SIZE = Histogram(
+    "kontext_submit_batch_size",
+    "Submits committed together in one job-store transaction (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 GPU_MEMORY = Gauge(
     "kontext_gpu_memory_bytes",
     "CUDA memory of the last job (allocated, peak), per worker process",

@@ -20,12 +20,21 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from kontext_server.config import Settings
 from kontext_server.errors import KontextError
 from kontext_server.files.base import FileStore
-from kontext_server.jobs import PRIORITY_NORMAL, CancelOutcome, Job, JobEvent, JobStatus, NewJob
+from kontext_server.group_commit import GroupCommit
+from kontext_server.jobs import (
+    PRIORITY_NORMAL,
+    CancelOutcome,
+    Job,
+    JobEvent,
+    JobStatus,
+    NewJob,
+    Submitted,
+)
 from kontext_server.periodic import PeriodicTask
 from kontext_server.store.base import JobStore
 from kontext_server.webhooks import bfl
@@ -36,6 +45,7 @@ __all__ = [
     "MaintenanceLoop",
     "QueueFullError",
     "QueueService",
+    "SubmitArgs",
     "SubmitOutcome",
 ]
 
@@ -73,6 +83,19 @@ class SubmitOutcome:
     created: bool
 
 
+class SubmitArgs(TypedDict, total=False):
+    """``QueueService.submit``'s options."""
+
+    owner: str | None  # API key id; None when authentication is off
+    priority: int
+    start_timeout_s: float | None
+    webhook_url: str | None
+    base_url: str | None
+    idempotency_key: str | None
+    retry: bool
+    retention_s: float | None
+
+
 class QueueService:
     """Submits, reads and cancels jobs for one API process.
 
@@ -92,21 +115,11 @@ class QueueService:
         self.files = files
         self.settings = settings
         self._clock = clock
+        self._group_commit = GroupCommit(store)
 
     # --- API verbs ------------------------------------------------------------------------------
     def submit(
-        self,
-        endpoint: str,
-        input: dict[str, Any],
-        *,
-        owner: str | None = None,
-        priority: int = PRIORITY_NORMAL,
-        start_timeout_s: float | None = None,
-        webhook_url: str | None = None,
-        base_url: str | None = None,
-        idempotency_key: str | None = None,
-        retry: bool = True,
-        retention_s: float | None = None,
+        self, endpoint: str, input: dict[str, Any], **options: Unpack[SubmitArgs]
     ) -> SubmitOutcome:
         """Queue one job. ``input`` must already be validated. ``start_timeout_s`` is a
         deadline to *start* (the job fails with ``request_timeout`` if no worker took it by
@@ -117,31 +130,49 @@ class QueueService:
         Raises ``QueueFullError`` when this owner, or the whole queue, is at its limit of
         queued jobs, and ``IdempotencyConflictError`` when ``idempotency_key`` was used by this
         owner for a different request."""
+        new_job = self._new_job(endpoint, input, options)
+        (done,) = self.store.submit_many([new_job])
+        return self._outcome(new_job, done)
+
+    async def submit_async(
+        self, endpoint: str, input: dict[str, Any], **options: Unpack[SubmitArgs]
+    ) -> SubmitOutcome:
+        """``submit`` for the event loop: the submits of one loop turn share one store
+        transaction (``GroupCommit``)."""
+        new_job = self._new_job(endpoint, input, options)
+        return self._outcome(new_job, await self._group_commit.submit(new_job))
+
+    def _new_job(self, endpoint: str, input: dict[str, Any], options: SubmitArgs) -> NewJob:
         # Limits come first, so a retried submit with an Idempotency-Key is also answered 429
         # while its owner is at the limit (the store has no lookup by key without inserting);
         # the retry after Retry-After then finds the original request.
+        owner = options.get("owner")
         self._check_queue_limits(owner)
-        new_job = NewJob(
+        start_timeout_s = options.get("start_timeout_s")
+        return NewJob(
             id=str(uuid.uuid4()),
             endpoint=endpoint,
             input=input,
             owner=owner,
-            priority=priority,
-            max_attempts=self.settings.max_attempts if retry else 1,
+            priority=options.get("priority", PRIORITY_NORMAL),
+            max_attempts=self.settings.max_attempts if options.get("retry", True) else 1,
             start_deadline_at=None if start_timeout_s is None else self._clock() + start_timeout_s,
-            webhook_url=webhook_url,
-            base_url=base_url,
-            idempotency_key=idempotency_key,
-            retention_s=retention_s,
+            webhook_url=options.get("webhook_url"),
+            base_url=options.get("base_url"),
+            idempotency_key=options.get("idempotency_key"),
+            retention_s=options.get("retention_s"),
             engine=self.settings.engine_for(endpoint),
         )
-        job, created = self.store.submit(new_job)
-        if not created and (job.endpoint != endpoint or job.input != input):
+
+    @staticmethod
+    def _outcome(new_job: NewJob, done: Submitted) -> SubmitOutcome:
+        job = done.job
+        if not done.created and (job.endpoint != new_job.endpoint or job.input != new_job.input):
             raise IdempotencyConflictError(
-                f"Idempotency-Key {idempotency_key!r} was already used for a different request "
-                f"({job.id}); use a new key for a new request"
+                f"Idempotency-Key {new_job.idempotency_key!r} was already used for a different "
+                f"request ({job.id}); use a new key for a new request"
             )
-        return SubmitOutcome(job, self.store.queue_position(job.id) or 0, created)
+        return SubmitOutcome(job, done.queue_position, done.created)
 
     def _check_queue_limits(self, owner: str | None) -> None:
         # Check, then insert: not atomic. Submits running at the same moment (threads of this

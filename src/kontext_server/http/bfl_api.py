@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -30,7 +29,6 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from kontext_server.http.compat import (
     MAX_ENDPOINT,
@@ -137,15 +135,13 @@ async def submit(request: Request, context: Context, x_key: XKey = None) -> JSON
     body = await _read_request(request, context)
     endpoint, fal_input = to_fal_input(body, max_data_uri_bytes=context.max_data_uri_bytes)
     fal_input[bfl.BFL_INPUT_KEY] = {"webhook_secret": body.webhook_secret}
-    queue = functools.partial(
-        context.service.submit,
+    outcome = await context.service.submit_async(
         endpoint,
         fal_input,
         owner=principal.owner,
         webhook_url=body.webhook_url,
         base_url=site_base(request),
     )
-    outcome = await run_in_threadpool(queue)
     job_id = outcome.job.id
     return JSONResponse({"id": job_id, "polling_url": _polling_url(request, job_id)})
 

@@ -22,7 +22,6 @@ Authentication: ``Authorization: Bearer <API key>``, with the fal routes' rules.
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
@@ -310,15 +308,10 @@ async def _submit(
     context: ApiContext, request: Request, principal: Principal, edit: _EditRequest
 ) -> Job:
     endpoint, fal_input = _to_fal_input(edit, context.max_data_uri_bytes)
-    queue = functools.partial(
-        context.service.submit,
-        endpoint,
-        fal_input,
-        owner=principal.owner,
-        base_url=site_base(request),
-    )
     try:
-        outcome = await run_in_threadpool(queue)
+        outcome = await context.service.submit_async(
+            endpoint, fal_input, owner=principal.owner, base_url=site_base(request)
+        )
     except QueueFullError as exc:
         raise OpenAIError(
             429,

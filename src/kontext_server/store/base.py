@@ -29,6 +29,7 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from kontext_server.jobs import (
@@ -41,6 +42,7 @@ from kontext_server.jobs import (
     Progress,
     PurgedJob,
     QueueDepth,
+    Submitted,
     WebhookDelivery,
 )
 
@@ -54,6 +56,13 @@ class JobStore(Protocol):
     def submit(self, job: NewJob) -> tuple[Job, bool]:
         """Insert ``job``; returns ``(job, True)``. With an ``idempotency_key`` already used by
         the same owner, inserts nothing and returns ``(existing_job, False)``."""
+        ...
+
+    def submit_many(self, jobs: Sequence[NewJob]) -> list[Submitted]:
+        """``submit`` for each job, in order, in one transaction (group commit: the API
+        batches the submits that arrive together), each with its queue position right after
+        its insert (later jobs of the batch are not counted). All or nothing: when it raises,
+        no job of the batch was inserted."""
         ...
 
     def get(self, job_id: str) -> Job | None: ...

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,6 +46,7 @@ from kontext_server.jobs import (
     Progress,
     PurgedJob,
     QueueDepth,
+    Submitted,
     WebhookDelivery,
 )
 from kontext_server.store.common import (
@@ -74,6 +75,13 @@ Connection = psycopg.Connection[DictRow]
 
 CONNECT_TIMEOUT_S = 5
 _FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
+_SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
+_QUEUE_POSITION_SQL = (
+    "SELECT (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
+    "        AND q.engine = j.engine AND (q.priority, q.seq) < (j.priority, j.seq))"
+    " AS ahead"
+    " FROM jobs AS j WHERE j.id = %s AND j.status = 'queued'"
+)
 _FENCE = (
     "id = %(job_id)s AND status = 'running' AND lease_owner = %(worker_id)s"
     " AND attempts = %(attempt)s"
@@ -311,6 +319,17 @@ class PostgresJobStore:
 
     # --- API side ---------------------------------------------------------------------------------
     def submit(self, job: NewJob) -> tuple[Job, bool]:
+        (done,) = self.submit_many([job])
+        return done.job, done.created
+
+    def submit_many(self, jobs: Sequence[NewJob]) -> list[Submitted]:
+        if len(jobs) == 1:  # one statement in autocommit: one round trip
+            with self._connection() as conn:
+                return [self._submit_one(conn, jobs[0])]
+        with self._transaction() as conn:
+            return [self._submit_one(conn, job) for job in jobs]
+
+    def _submit_one(self, conn: Connection, job: NewJob) -> Submitted:
         params = {
             "id": job.id,
             "owner": job.owner,
@@ -326,9 +345,11 @@ class PostgresJobStore:
             "now": self._clock(),
             "engine": job.engine,
         }
-        with self._connection() as conn:
+        for _ in range(_SUBMIT_TRIES):
             try:
-                # The notification is sent when (and only if) the insert commits.
+                # The notification is sent when (and only if) the insert commits. The count
+                # runs on the statement's snapshot, which does not hold the new row: it counts
+                # the queued jobs ahead of it (earlier statements of the batch included).
                 row = conn.execute(
                     "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
                     " max_attempts, input, start_deadline_at, webhook_url, base_url,"
@@ -338,20 +359,26 @@ class PostgresJobStore:
                     " %(idempotency_key)s, %(retention_s)s, %(now)s, %(engine)s)"
                     " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
                     " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
-                    f" SELECT *, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted",
+                    f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', ''),"
+                    " (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
+                    "  AND q.engine = i.engine AND (q.priority, q.seq) < (i.priority, i.seq))"
+                    " AS ahead FROM inserted AS i",
                     params,
                 ).fetchone()
             except pg_errors.UniqueViolation as exc:
                 raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
             if row is not None:
-                return _job_from_row(row), True
+                return Submitted(_job_from_row(row), True, int(row["ahead"]))
             existing = conn.execute(
                 "SELECT * FROM jobs WHERE coalesce(owner, '') = %s AND idempotency_key = %s",
                 (job.owner or "", job.idempotency_key),
             ).fetchone()
-        if existing is None:  # the conflicting job was purged in between: a very old key
-            return self.submit(job)
-        return _job_from_row(existing), False
+            if existing is not None:
+                found = _job_from_row(existing)
+                ahead = conn.execute(_QUEUE_POSITION_SQL, (found.id,)).fetchone()
+                return Submitted(found, False, 0 if ahead is None else int(ahead["ahead"]))
+            # the conflicting job was purged in between (a very old key): insert again
+        raise StoreError(f"cannot insert job {job.id!r}: its idempotency key kept conflicting")
 
     def get(self, job_id: str) -> Job | None:
         row = self._fetchone("SELECT * FROM jobs WHERE id = %s", (job_id,))
@@ -360,13 +387,7 @@ class PostgresJobStore:
     def queue_position(self, job_id: str) -> int | None:
         """Queued jobs of the same engine ahead by (priority, seq): one range count on the
         partial queue index."""
-        row = self._fetchone(
-            "SELECT (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
-            "        AND q.engine = j.engine AND (q.priority, q.seq) < (j.priority, j.seq))"
-            " AS ahead"
-            " FROM jobs AS j WHERE j.id = %s AND j.status = 'queued'",
-            (job_id,),
-        )
+        row = self._fetchone(_QUEUE_POSITION_SQL, (job_id,))
         return None if row is None else int(row["ahead"])
 
     def queue_depth(self) -> int:

@@ -40,6 +40,7 @@ from kontext_server.jobs import (
     Progress,
     PurgedJob,
     QueueDepth,
+    Submitted,
     WebhookDelivery,
 )
 from kontext_server.store.common import (
@@ -75,6 +76,23 @@ BUSY_TIMEOUT_MS = 10_000
 API_KEYS_CACHE_S = 1.0
 WORK_POLL_INTERVAL_S = 0.02  # wait_for_work's look at the table when no in-process signal came
 
+_QUEUE_POSITION_SQL = (
+    "SELECT"
+    " (SELECT coalesce(sum(queued), 0) FROM queue_counts"
+    "  WHERE engine = j.engine AND priority < j.priority)"
+    " + CASE WHEN j.seq - (SELECT min(seq) FROM jobs WHERE status = 'queued'"
+    "                      AND engine = j.engine AND priority = j.priority)"
+    "          <= (SELECT max(seq) FROM jobs WHERE status = 'queued'"
+    "              AND engine = j.engine AND priority = j.priority) - j.seq"
+    "   THEN (SELECT count(*) FROM jobs WHERE status = 'queued'"
+    "         AND engine = j.engine AND priority = j.priority AND seq < j.seq)"
+    "   ELSE (SELECT queued FROM queue_counts"
+    "         WHERE engine = j.engine AND priority = j.priority) - 1"
+    "        - (SELECT count(*) FROM jobs WHERE status = 'queued'"
+    "           AND engine = j.engine AND priority = j.priority AND seq > j.seq)"
+    "   END"
+    " FROM jobs AS j WHERE j.id = ? AND j.status = 'queued'"
+)
 _FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
 _FENCE = "id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
 
@@ -114,6 +132,33 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         finished_at=row["finished_at"],
         engine=row["engine"],
         upstream=_loads_or_none(row["upstream"]),
+    )
+
+
+def _new_job_row(job: NewJob, seq: int, created_at: float) -> Job:
+    """The row ``submit`` just inserted, without reading it back."""
+    return Job(
+        id=job.id,
+        seq=seq,
+        endpoint=job.endpoint,
+        input=job.input,
+        owner=job.owner,
+        priority=job.priority,
+        status=JobStatus.QUEUED,
+        attempts=0,
+        max_attempts=job.max_attempts,
+        cancel_requested=False,
+        lease_owner=None,
+        lease_until=None,
+        result=None,
+        error=None,
+        error_type=None,
+        progress=None,
+        start_deadline_at=job.start_deadline_at,
+        webhook_url=job.webhook_url,
+        base_url=job.base_url,
+        created_at=created_at,
+        engine=job.engine,
     )
 
 
@@ -271,40 +316,64 @@ class SQLiteJobStore:
 
     # --- API side ---------------------------------------------------------------------------------
     def submit(self, job: NewJob) -> tuple[Job, bool]:
+        (done,) = self.submit_many([job])
+        return done.job, done.created
+
+    def submit_many(self, jobs: Sequence[NewJob]) -> list[Submitted]:
+        if not jobs:
+            return []
         with self._write() as conn:
-            if job.idempotency_key is not None:
-                existing = conn.execute(
-                    "SELECT * FROM jobs WHERE coalesce(owner, '') = ? AND idempotency_key = ?",
-                    (job.owner or "", job.idempotency_key),
-                ).fetchone()
-                if existing is not None:
-                    return _job_from_row(existing), False
-            try:
-                row = conn.execute(
-                    "INSERT INTO jobs (id, owner, endpoint, priority, status, max_attempts,"
-                    " input, start_deadline_at, webhook_url, base_url, idempotency_key,"
-                    " retention_s, created_at, engine)"
-                    " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-                    (
-                        job.id,
-                        job.owner,
-                        job.endpoint,
-                        job.priority,
-                        job.max_attempts,
-                        _dumps(job.input),
-                        job.start_deadline_at,
-                        job.webhook_url,
-                        job.base_url,
-                        job.idempotency_key,
-                        job.retention_s,
-                        self._clock(),
-                        job.engine,
-                    ),
-                ).fetchone()
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
-        self._signal_work()
-        return _job_from_row(row), True
+            done = [self._submit_one(conn, job) for job in jobs]
+        if any(one.created for one in done):
+            self._signal_work()
+        return done
+
+    def _submit_one(self, conn: sqlite3.Connection, job: NewJob) -> Submitted:
+        if job.idempotency_key is not None:
+            existing = conn.execute(
+                "SELECT * FROM jobs WHERE coalesce(owner, '') = ? AND idempotency_key = ?",
+                (job.owner or "", job.idempotency_key),
+            ).fetchone()
+            if existing is not None:
+                found = _job_from_row(existing)
+                return Submitted(found, False, self._position_in(conn, found.id))
+        now = self._clock()
+        try:
+            (seq,) = conn.execute(
+                "INSERT INTO jobs (id, owner, endpoint, priority, status, max_attempts,"
+                " input, start_deadline_at, webhook_url, base_url, idempotency_key,"
+                " retention_s, created_at, engine)"
+                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                (
+                    job.id,
+                    job.owner,
+                    job.endpoint,
+                    job.priority,
+                    job.max_attempts,
+                    _dumps(job.input),
+                    job.start_deadline_at,
+                    job.webhook_url,
+                    job.base_url,
+                    job.idempotency_key,
+                    job.retention_s,
+                    now,
+                    job.engine,
+                ),
+            ).fetchone()
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
+        # The newest job of its line: every other queued job of its engine at its priority or
+        # a better one is ahead of it, and queue_counts (kept by triggers) has them all.
+        (ahead,) = conn.execute(
+            "SELECT coalesce(sum(queued), 0) - 1 FROM queue_counts"
+            " WHERE engine = ? AND priority <= ?",
+            (job.engine, job.priority),
+        ).fetchone()
+        return Submitted(_new_job_row(job, seq, now), True, int(ahead))
+
+    def _position_in(self, conn: sqlite3.Connection, job_id: str) -> int:
+        row = conn.execute(_QUEUE_POSITION_SQL, (job_id,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def get(self, job_id: str) -> Job | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -316,28 +385,7 @@ class SQLiteJobStore:
         job's priority the
         partial queue index is counted from the nearer end of the line (a job near the back
         counts the few behind it and subtracts), so the cost is at most half the line."""
-        row = (
-            self._conn()
-            .execute(
-                "SELECT"
-                " (SELECT coalesce(sum(queued), 0) FROM queue_counts"
-                "  WHERE engine = j.engine AND priority < j.priority)"
-                " + CASE WHEN j.seq - (SELECT min(seq) FROM jobs WHERE status = 'queued'"
-                "                      AND engine = j.engine AND priority = j.priority)"
-                "          <= (SELECT max(seq) FROM jobs WHERE status = 'queued'"
-                "              AND engine = j.engine AND priority = j.priority) - j.seq"
-                "   THEN (SELECT count(*) FROM jobs WHERE status = 'queued'"
-                "         AND engine = j.engine AND priority = j.priority AND seq < j.seq)"
-                "   ELSE (SELECT queued FROM queue_counts"
-                "         WHERE engine = j.engine AND priority = j.priority) - 1"
-                "        - (SELECT count(*) FROM jobs WHERE status = 'queued'"
-                "           AND engine = j.engine AND priority = j.priority AND seq > j.seq)"
-                "   END"
-                " FROM jobs AS j WHERE j.id = ? AND j.status = 'queued'",
-                (job_id,),
-            )
-            .fetchone()
-        )
+        row = self._conn().execute(_QUEUE_POSITION_SQL, (job_id,)).fetchone()
         return None if row is None else int(row[0])
 
     def queue_depth(self) -> int:
