@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import io
+import itertools
 import json
 import os
 import platform
@@ -89,6 +90,7 @@ STARTUP_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 10.0
 HOLDER_LEASE_S = 600.0  # running jobs held by the benchmark while pollers watch them
 KEEP_ALL_ANSWERS = 10**7
+SUBMIT_VARIANTS = 4096  # distinct submit bodies the load cycles through
 STORE_URL_FILE = "store-url"  # how a child learns its job store (not argv: no password in ps)
 # The submit phase queues ~5,000 jobs for one caller (authentication off: one owner); the
 # default per-key limit (1,000) would answer most of them 429. Raised to the total limit.
@@ -206,17 +208,23 @@ class _Window:
 
 
 async def closed_loop(
-    port: int, request: bytes, clients: int, warmup_s: float, duration_s: float, keep: int = 0
+    port: int,
+    requests: list[bytes],
+    clients: int,
+    warmup_s: float,
+    duration_s: float,
+    keep: int = 0,
 ) -> _Load:
-    """``clients`` connections each sending ``request`` back to back."""
+    """``clients`` connections sending ``requests`` back to back, in turn."""
     load, window = _Load(duration_s), _Window(warmup_s, duration_s)
+    turns = itertools.cycle(requests)
 
     async def client() -> None:
         connection = await _HttpConnection.open(port)
         try:
             while time.perf_counter() < window.end:
                 sent = time.perf_counter()
-                status, body = await connection.send(request)
+                status, body = await connection.send(next(turns))
                 _record(load, window, sent, status)
                 if len(load.bodies) < keep and status == 200:
                     load.bodies.append(body)
@@ -301,7 +309,7 @@ def kontext_app(data_dir: Path) -> Any:
         data_dir=data_dir, store=_child_store_url(data_dir), max_queued_per_key=MAX_QUEUED_PER_KEY
     )
     store = open_configured_store(settings)
-    return create_app(settings, store, LocalFileStore(data_dir / "files"))
+    return create_app(settings, store, LocalFileStore(data_dir / "files"), freeze_heap=True)
 
 
 def _child_store_url(data_dir: Path) -> str:
@@ -571,11 +579,19 @@ def submit_request(port: int, image_url: str = SPEC_INPUT["image_url"]) -> bytes
     return http_request("POST", f"/{ENDPOINT}", port, body)
 
 
+def submit_requests(port: int) -> list[bytes]:
+    """The spec's example submit, each with an image URL of its own (as real traffic has:
+    nothing per URL that the server may keep, such as a parsed URL, is reused across the
+    load)."""
+    base = SPEC_INPUT["image_url"]
+    return [submit_request(port, f"{base}?n={n}") for n in range(SUBMIT_VARIANTS)]
+
+
 def measure_bare(options: BenchOptions, data_dir: Path) -> dict[str, Any]:
     with served("bare", data_dir) as port:
         submit = asyncio.run(
             closed_loop(
-                port, submit_request(port), options.clients, options.warmup_s, options.duration_s
+                port, submit_requests(port), options.clients, options.warmup_s, options.duration_s
             )
         )
         status_paths = [
@@ -613,7 +629,7 @@ def _measure_kontext(options: BenchOptions, data_dir: Path, store_url: str) -> d
         submit = asyncio.run(
             closed_loop(
                 port,
-                submit_request(port),
+                submit_requests(port),
                 options.clients,
                 options.warmup_s,
                 options.duration_s,

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with request_id
+    # FastAPI's native OpenTelemetry (spans, HTTP metrics, exception logs) through the global
+    # providers an OpenTelemetry distro sets up. Off by default: /metrics and the JSON logs
+    # cover operations, and with it on FastAPI asks the providers on every request (~3 % of a
+    # submit's CPU even when none is configured).
+    opentelemetry: bool = False
     metrics_port: int | None = None  # `worker` only: serve its own /metrics on this port
     metrics_host: str = "127.0.0.1"  # ... bound to this address
 

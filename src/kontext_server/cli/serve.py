@@ -154,6 +154,7 @@ def run_server(
         metrics_dir=metrics_dir,
         readiness_checks=[a_worker_is_alive],
         shutdown_hooks=[stop_workers],
+        freeze_heap=True,
     )
     supervisor.start()
     scheme = "https" if ssl_certfile else "http"

@@ -9,6 +9,7 @@ durable outbox). The API process never imports torch.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.telemetry import TelemetryConfig
 
 from kontext_server import __version__
 from kontext_server.auth import Authenticator, BadKeyThrottle
@@ -31,7 +33,8 @@ from kontext_server.http.context import ApiContext
 from kontext_server.http.errors import install_exception_handlers
 from kontext_server.http.fal import (
     QUEUE_PREFIXES,
-    add_queue_routes,
+    add_request_routes,
+    add_submit_routes,
     add_unknown_endpoint_route,
     run_router,
 )
@@ -71,6 +74,7 @@ CORS_ALLOWED_HEADERS = [
     "x-fal-store-io",
     "x-key",  # BFL API
 ]
+_NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 _WEBHOOK_RESPONSE_MAX_BYTES = 64 * 1024
 _BASE64_SLACK = 1024  # room for "data:image/...;base64," around the encoded bytes
 
@@ -90,6 +94,7 @@ def create_app(
     metrics_dir: Path | None = None,
     readiness_checks: Sequence[ReadinessCheck] = (),
     shutdown_hooks: Sequence[Callable[[], None]] = (),
+    freeze_heap: bool = False,
 ) -> FastAPI:
     """The API over ``store`` and ``files``; the caller owns (and closes) both.
 
@@ -101,7 +106,11 @@ def create_app(
     process's own metrics);
     ``readiness_checks`` are extra conditions for ``/readyz`` (e.g. a worker is alive);
     ``shutdown_hooks`` run when the app stops (``serve`` stops its workers there, because
-    uvicorn re-raises SIGTERM once the app has stopped)."""
+    uvicorn re-raises SIGTERM once the app has stopped). ``freeze_heap=True`` (what ``serve``
+    does) moves every object alive once the app has started out of the garbage collector's
+    reach (``gc.freeze``): the app's own long-lived objects (routes, models, schemas) are
+    then not traversed again by every full collection, which cost ~25 µs per submit
+    (docs/performance.md). Leave it off where many apps come and go in one process (tests)."""
     signer = signer or WebhookSigner.load_or_create(settings.data_dir / WEBHOOK_KEY_FILE)
     service = QueueService(store, files, settings, clock=clock)
     context = ApiContext(
@@ -134,12 +143,14 @@ def create_app(
         ),
         enabled=run_background,
         shutdown_hooks=shutdown_hooks,
+        freeze_heap=freeze_heap,
     )
     app = FastAPI(
         title="kontext-server",
         version=__version__,
         description="FLUX.1 Kontext editing behind fal.ai's queue API.",
         lifespan=background.lifespan,
+        telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
     app.state.context = context
     app.state.signer = signer
@@ -160,12 +171,14 @@ def create_app(
 
 def _install_routes(app: FastAPI, ops: APIRouter) -> None:
     # Order matters. The queue routes come first: submits and status polls are most of the
-    # traffic, and a route is found by trying each in turn (~4 µs per router passed). They
-    # cannot shadow the others: their submit paths are exact and their request paths contain
-    # "/requests/". "/queue" before "": the bare request routes would take "/queue/..." too.
-    # The catch-all submits of unknown endpoints come last: they match every POST path.
+    # traffic, and a route is found by trying each in turn. They shadow no other route: the
+    # submit paths are exact and the request paths contain "/requests/". Request routes under
+    # "/queue" before those under "": the bare ones would take "/queue/..." too. The catch-all
+    # submits of unknown endpoints come last: they match every POST path.
+    for prefix in ("", "/queue"):  # most clients submit without "/queue"
+        add_submit_routes(app, prefix)
     for prefix in QUEUE_PREFIXES:
-        add_queue_routes(app, prefix)
+        add_request_routes(app, prefix)
     app.include_router(ops)
     app.include_router(files_router())
     app.include_router(wellknown_router())
@@ -207,7 +220,9 @@ class _Background:
         *,
         enabled: bool,
         shutdown_hooks: Sequence[Callable[[], None]] = (),
+        freeze_heap: bool = False,
     ) -> None:
+        self._freeze_heap = freeze_heap
         self._shutdown_hooks = list(shutdown_hooks)
         self._maintenance = maintenance
         self._cleanup = cleanup
@@ -219,6 +234,9 @@ class _Background:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         self.start()
+        if self._freeze_heap:
+            gc.collect()  # what is garbage now is freed, not frozen
+            gc.freeze()
         try:
             yield
         finally:

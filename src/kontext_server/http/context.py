@@ -18,6 +18,9 @@ from kontext_server.service import QueueService
 __all__ = ["ApiContext", "Caller", "Context", "api_context", "caller", "site_base"]
 
 
+_SITE_BASE_KEY = "kontext.site_base"
+
+
 @dataclass(frozen=True)
 class ApiContext:
     settings: Settings
@@ -49,5 +52,9 @@ Caller = Annotated[Principal, Depends(caller)]
 
 
 def site_base(request: Request) -> str:
-    """Scheme, host and root path the client used to reach this server (no trailing slash)."""
-    return str(request.base_url).rstrip("/")
+    """Scheme, host and root path the client used to reach this server (no trailing slash).
+    Kept in the request's scope: a submit needs it three times."""
+    base = request.scope.get(_SITE_BASE_KEY)
+    if base is None:
+        base = request.scope[_SITE_BASE_KEY] = str(request.base_url).rstrip("/")
+    return cast(str, base)

@@ -18,8 +18,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from kontext_server.auth import Principal
-from kontext_server.http.context import ApiContext, Caller, Context, site_base
+from kontext_server.http.context import (
+    ApiContext,
+    Caller,
+    Context,
+    api_context,
+    caller,
+    site_base,
+)
 from kontext_server.http.schemas import ENDPOINTS
 from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
 from kontext_server.http.submission import (
@@ -44,7 +50,8 @@ from kontext_server.service import SubmitOutcome
 __all__ = [
     "QUEUE_PREFIXES",
     "RUN_PREFIX",
-    "add_queue_routes",
+    "add_request_routes",
+    "add_submit_routes",
     "add_unknown_endpoint_route",
     "run_router",
 ]
@@ -61,13 +68,12 @@ _CANCEL_ANSWERS = {
 }
 
 
-def add_queue_routes(app: FastAPI, prefix: str) -> None:
-    """The queue API under ``prefix`` ("" or "/queue") for the served endpoints.
+def add_submit_routes(app: FastAPI, prefix: str) -> None:
+    """``POST {prefix}/{endpoint}`` for each served endpoint, on its exact path.
 
     Added to the app itself, not through an included router: FastAPI finds a route by trying
-    each in turn, and an included router costs ~4 µs to pass and more to enter. Each served
-    endpoint's submit has an exact path; ``add_unknown_endpoint_route`` (added last) answers
-    the rest."""
+    each in turn, and an included router costs ~4 µs to pass and more to enter.
+    ``add_unknown_endpoint_route`` (added last) answers the other ``POST`` paths."""
     routes = _QueueRoutes(prefix)
     for endpoint in ENDPOINTS:
         app.add_api_route(
@@ -77,6 +83,12 @@ def add_queue_routes(app: FastAPI, prefix: str) -> None:
             name=f"submit {endpoint}",
             tags=["queue"],
         )
+
+
+def add_request_routes(app: FastAPI, prefix: str) -> None:
+    """Status, status stream, cancel and result of a request under ``prefix``; their paths
+    contain ``/requests/``, so they shadow no other route."""
+    routes = _QueueRoutes(prefix)
     request_path = prefix + "/{endpoint:path}/requests/{request_id}"
     for path, handler, method in (
         (f"{request_path}/status", routes.status, "GET"),
@@ -115,13 +127,15 @@ class _QueueRoutes:
     def _urls(self, request: Request, job: Job) -> RequestUrls:
         return RequestUrls.build(site_base(request) + self._prefix, job.endpoint, job.id)
 
-    def submit_to(
-        self, endpoint: str
-    ) -> Callable[[Request, ApiContext, Principal], Awaitable[JSONResponse]]:
-        """``submit`` bound to one served endpoint (the handler of its exact path)."""
+    def submit_to(self, endpoint: str) -> Callable[[Request], Awaitable[JSONResponse]]:
+        """``submit`` bound to one served endpoint (the handler of its exact path).
 
-        async def submit(request: Request, context: Context, principal: Caller) -> JSONResponse:
-            return await self.submit(endpoint, request, context, principal)
+        The context and the caller are looked up here rather than declared as dependencies:
+        FastAPI's dependency solving was ~5 % of a submit's CPU (docs/performance.md)."""
+
+        async def submit(request: Request) -> JSONResponse:
+            context = await api_context(request)
+            return await self.submit(endpoint, request, context, await caller(request, context))
 
         submit.__doc__ = f"Queue a request for {endpoint}: PROTOCOL.md §3."
         return submit
