@@ -10,6 +10,7 @@ durable outbox). The API process never imports torch.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import socket
 import threading
@@ -18,10 +19,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.telemetry import TelemetryConfig
 
 from kontext_server import __version__
 from kontext_server.auth import Authenticator, BadKeyThrottle
@@ -74,7 +75,7 @@ CORS_ALLOWED_HEADERS = [
     "x-fal-store-io",
     "x-key",  # BFL API
 ]
-_NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+_NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 _WEBHOOK_RESPONSE_MAX_BYTES = 64 * 1024
 _BASE64_SLACK = 1024  # room for "data:image/...;base64," around the encoded bytes
 
@@ -150,7 +151,7 @@ def create_app(
         version=__version__,
         description="FLUX.1 Kontext editing behind fal.ai's queue API.",
         lifespan=background.lifespan,
-        telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
+        **_telemetry_options(settings),
     )
     app.state.context = context
     app.state.signer = signer
@@ -190,6 +191,14 @@ def _install_routes(app: FastAPI, ops: APIRouter) -> None:
     app.include_router(run_router())
     for prefix in QUEUE_PREFIXES:
         add_unknown_endpoint_route(app, prefix)
+
+
+def _telemetry_options(settings: Settings) -> dict[str, Any]:
+    """FastAPI's native OpenTelemetry off unless ``KONTEXT_OPENTELEMETRY`` (FastAPI versions
+    without it take no such option, and have nothing to turn off)."""
+    if settings.opentelemetry or "telemetry" not in inspect.signature(FastAPI).parameters:
+        return {}
+    return {"telemetry": _NO_TELEMETRY}
 
 
 def _max_body_bytes(settings: Settings) -> int:
