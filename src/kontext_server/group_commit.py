@@ -8,6 +8,10 @@ queue counter. ``GroupCommit.submit`` parks the job and schedules one flush with
 timer and no waiting for company: an idle server commits a lone submit in the next loop
 turn, a busy one commits as many as arrived.
 
+Before the insert, ``admit`` (the service's queue limits) judges the batch's jobs in turn,
+counting the ones admitted before: the submits that arrive together cannot overshoot a
+limit together. A refused job's caller gets the refusal; the others go on.
+
 One job that the store refuses (``submit_many`` is all or nothing) must not fail the others:
 a failed batch is retried one job at a time, so each caller gets its own answer.
 
@@ -21,13 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kontext_server.jobs import NewJob, Submitted
 from kontext_server.metrics import SUBMIT_BATCH_SIZE
 from kontext_server.store.base import JobStore
 
-__all__ = ["MAX_BATCH", "GroupCommit"]
+__all__ = ["MAX_BATCH", "Admission", "GroupCommit"]
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,20 @@ MAX_BATCH = 128
 
 _Parked = tuple[NewJob, "asyncio.Future[Submitted]"]
 
+Admission = Callable[[Sequence[NewJob]], Sequence[Exception | None]]
+"""For each job of a batch in turn: the exception that refuses it, or ``None``."""
+
 
 class GroupCommit:
     """Batches ``JobStore.submit_many`` calls made on one event loop at a time."""
 
-    def __init__(self, store: JobStore, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, store: JobStore, *, admit: Admission | None = None, max_batch: int = MAX_BATCH
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1; got {max_batch}")
         self._store = store
+        self._admit = admit
         self._max_batch = max_batch
         self._parked: list[_Parked] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -64,9 +74,29 @@ class GroupCommit:
     def _flush(self) -> None:
         parked, self._parked = self._parked, []
         for start in range(0, len(parked), self._max_batch):
-            self._commit(parked[start : start + self._max_batch])
+            self._commit(self._admitted(parked[start : start + self._max_batch]))
+
+    def _admitted(self, batch: Sequence[_Parked]) -> list[_Parked]:
+        """The jobs that ``admit`` lets in; the others' callers get their refusal."""
+        if self._admit is None:
+            return list(batch)
+        try:
+            refusals = self._admit([job for job, _ in batch])
+        except Exception as exc:  # e.g. the store is down: every caller is told
+            for _, future in batch:
+                _fail(future, exc)
+            return []
+        admitted = []
+        for parked, refusal in zip(batch, refusals, strict=True):
+            if refusal is None:
+                admitted.append(parked)
+            else:
+                _fail(parked[1], refusal)
+        return admitted
 
     def _commit(self, batch: Sequence[_Parked]) -> None:
+        if not batch:
+            return
         try:
             done = self._store.submit_many([job for job, _ in batch])
         except Exception as exc:
@@ -79,11 +109,14 @@ class GroupCommit:
                 for parked in batch:
                     self._commit([parked])
                 return
-            _, future = batch[0]
-            if not future.done():  # its caller may have gone (a cancelled request)
-                future.set_exception(exc)
+            _fail(batch[0][1], exc)
             return
         SUBMIT_BATCH_SIZE.observe(len(batch))
         for (_, future), result in zip(batch, done, strict=True):
             if not future.done():
                 future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Submitted], exc: Exception) -> None:
+    if not future.done():  # its caller may have gone (a cancelled request)
+        future.set_exception(exc)

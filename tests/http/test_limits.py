@@ -4,9 +4,13 @@ limit. Running and finished requests do not count."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Iterator
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from http_support import LOOPBACK, MAX, AppFactory, PlayedWorker, edit_body, submit
 from starlette.testclient import TestClient
 
@@ -105,3 +109,44 @@ def test_a_sync_run_is_bounded_like_a_submit(limited_client: TestClient) -> None
 
     assert response.status_code == 429
     assert "limit 2" in response.json()["detail"]
+
+
+def _submit_together(app: FastAPI, count: int, headers: dict[str, str]) -> list[int]:
+    """``count`` submits sent in one event-loop turn: one group-commit batch."""
+
+    async def together() -> list[int]:
+        transport = httpx.ASGITransport(app=app, client=(LOOPBACK, 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            answers = await asyncio.gather(
+                *(http.post(f"/{MAX}", json=edit_body(), headers=headers) for _ in range(count))
+            )
+        return [answer.status_code for answer in answers]
+
+    return asyncio.run(together())
+
+
+def test_submits_arriving_together_cannot_overshoot_the_per_key_limit(
+    make_app: AppFactory, settings: Settings, store: SQLiteJobStore
+) -> None:
+    limited = settings.model_copy(update={"max_queued_per_key": 3, "max_queue_size": 100})
+    alice = key_header(store, "alice")
+    submit_together = functools.partial(_submit_together, make_app(settings=limited))
+
+    codes = submit_together(20, alice)
+
+    assert sorted(codes) == [200] * 3 + [429] * 17
+    assert store.queue_depth() == 3
+    assert submit_together(2, key_header(store, "bob")) == [200, 200]  # bob has his own 3
+
+
+def test_submits_arriving_together_cannot_overshoot_the_queue_size(
+    make_app: AppFactory, settings: Settings, store: SQLiteJobStore
+) -> None:
+    limited = settings.model_copy(update={"max_queued_per_key": 100, "max_queue_size": 4})
+    app = make_app(settings=limited)
+    submit(TestClient(app, client=LOOPBACK))  # one already queued
+
+    codes = _submit_together(app, 10, key_header(store, "alice"))
+
+    assert sorted(codes) == [200] * 3 + [429] * 7
+    assert store.queue_depth() == 4
