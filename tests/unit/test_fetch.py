@@ -562,6 +562,14 @@ def test_data_uri_accepts_url_safe_alphabet_missing_padding_and_line_breaks() ->
     assert decode_data_uri(f"data:image/jpeg;base64,{wrapped}", max_bytes=1024) == data
 
 
+@pytest.mark.parametrize("separator", [" ", "\t", "\r\n", "\x0b", "\x0c", " \n\t"])
+def test_data_uri_ignores_every_kind_of_whitespace(separator: str) -> None:
+    data = bytes(range(256))
+    encoded = base64.b64encode(data).decode()
+    spaced = separator.join(encoded[i : i + 10] for i in range(0, len(encoded), 10))
+    assert decode_data_uri(f"data:image/jpeg;base64,{spaced}", max_bytes=1024) == data
+
+
 def test_percent_encoded_data_uri_is_decoded() -> None:
     assert decode_data_uri("data:image/bmp,BM%00%01", max_bytes=100) == b"BM\x00\x01"
 
