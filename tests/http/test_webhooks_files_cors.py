@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import FastAPI
 from http_support import LOOPBACK, MAX, LiveServer, PlayedWorker, edit_body, submit
 from starlette.testclient import TestClient
 
@@ -186,6 +188,33 @@ def test_files_are_served_with_their_content_type_and_unknown_ones_are_404(
     assert served.content == b"\xff\xd8\xff\xe0jpeg"
     assert client.get("/files/abcdEFGH1234/2-0.jpeg").status_code == 404
     assert client.get("/files/..%2F..%2Fjobs.db").status_code == 404
+
+
+def test_files_answer_head_with_their_headers_and_no_body(
+    client: TestClient, files: LocalFileStore
+) -> None:
+    stored = files.put("abcdEFGH1234/1-0.png", b"\x89PNG\r\n\x1a\npng", "image/png")
+
+    head = client.head(f"/files/{stored.key}")
+
+    assert head.status_code == 200
+    assert head.headers["content-type"] == "image/png"
+    assert head.headers["content-length"] == "11"
+    assert head.content == b""
+    assert client.head("/files/abcdEFGH1234/2-0.png").status_code == 404
+
+
+def test_the_openapi_document_has_unique_operation_ids(app: FastAPI) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FastAPI warns about a duplicate operation id
+        document = app.openapi()
+
+    operation_ids = [
+        operation["operationId"]
+        for path in document["paths"].values()
+        for operation in path.values()
+    ]
+    assert len(operation_ids) == len(set(operation_ids))
 
 
 def test_cors_preflight_allows_fal_headers_and_exposes_the_request_id(

@@ -30,7 +30,10 @@ class LocalPaths(Protocol):
 
 def files_router() -> APIRouter:
     router = APIRouter(tags=["files"])
-    router.add_api_route("/files/{key:path}", serve_file, methods=["GET", "HEAD"])
+    router.add_api_route("/files/{key:path}", serve_file, methods=["GET"])
+    # HEAD as a route of its own, out of the schema: one route with both methods gave both
+    # operations the same OpenAPI operation id.
+    router.add_api_route("/files/{key:path}", serve_file, methods=["HEAD"], include_in_schema=False)
     return router
 
 
