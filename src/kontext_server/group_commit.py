@@ -16,15 +16,16 @@ One job that the store refuses (``submit_many`` is all or nothing) must not fail
 a failed batch is retried one job at a time, so each caller gets its own answer.
 
 The flush runs on the event loop, as the single submits did before (docs/performance.md:
-a thread-pool hop per submit cost more than the insert). A loop stopped with submits
-parked (a test client's portal closing mid-request) strands only those: the next submit on
-another loop starts a new batch.
+a thread-pool hop per submit cost more than the insert). Each event loop has its own
+parked submits (an app may be served by several loops at once, e.g. test clients in two
+threads); a loop stopped with submits parked strands only those.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 
 from kontext_server.jobs import NewJob, Submitted
@@ -56,23 +57,23 @@ class GroupCommit:
         self._store = store
         self._admit = admit
         self._max_batch = max_batch
-        self._parked: list[_Parked] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._parked: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Parked]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def submit(self, job: NewJob) -> Submitted:
         """Insert ``job`` with the others of this loop turn; raises what ``submit_many``
         raised for it alone."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._loop, self._parked = loop, []
+        parked = self._parked.setdefault(loop, [])
         future: asyncio.Future[Submitted] = loop.create_future()
-        self._parked.append((job, future))
-        if len(self._parked) == 1:
-            loop.call_soon(self._flush)
+        parked.append((job, future))
+        if len(parked) == 1:
+            loop.call_soon(self._flush, loop)
         return await future
 
-    def _flush(self) -> None:
-        parked, self._parked = self._parked, []
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        parked = self._parked.pop(loop, [])
         for start in range(0, len(parked), self._max_batch):
             self._commit(self._admitted(parked[start : start + self._max_batch]))
 

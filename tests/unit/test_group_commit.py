@@ -7,6 +7,7 @@ chosen job (as a store refuses a whole batch: nothing of it is inserted).
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -307,3 +308,36 @@ def test_a_refused_batch_is_observed_as_the_singles_that_committed(
     run(submit_together(group, jobs))
 
     assert histogram_count_and_sum() == (count_before + 2, sum_before + 2)
+
+
+def test_two_event_loops_in_two_threads_each_get_their_answers(
+    sqlite_store: SQLiteJobStore,
+) -> None:
+    group = GroupCommit(sqlite_store)
+    batches = [[new_job() for _ in range(20)] for _ in range(2)]
+    answers: list[list[Any]] = [[], []]
+    both_parked = threading.Barrier(2, timeout=TIMEOUT_S)
+
+    def serve(index: int) -> None:
+        async def park_then_wait() -> list[Any]:
+            pending = [asyncio.ensure_future(group.submit(job)) for job in batches[index]]
+
+            async def hold_the_turn() -> None:
+                # Runs in the turn the submits park in, before their flush (the next turn):
+                # blocking here keeps both loops' submits parked at the same time.
+                both_parked.wait()
+
+            await asyncio.ensure_future(hold_the_turn())
+            return list(await asyncio.gather(*pending))
+
+        answers[index] = run(park_then_wait())
+
+    threads = [threading.Thread(target=serve, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(2 * TIMEOUT_S)
+
+    for index in range(2):
+        assert [answer.job.id for answer in answers[index]] == [j.id for j in batches[index]]
+    assert sqlite_store.queue_depth() == 40
