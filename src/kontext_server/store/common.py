@@ -6,12 +6,15 @@ retention rules live here so that SQLite and PostgreSQL cannot drift apart.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kontext_server.errors import ConfigError
 from kontext_server.jobs import JobStatus
 
 __all__ = [
+    "API_KEYS_CACHE_S",
     "CANCELLED_ERROR",
     "CANCELLED_ERROR_TYPE",
     "DEFAULT_RETENTION_S",
@@ -20,10 +23,37 @@ __all__ = [
     "START_TIMEOUT_ERROR_TYPE",
     "WORKER_LOST_ERROR",
     "WORKER_LOST_ERROR_TYPE",
+    "KeysPresence",
     "check_retention_s",
     "file_keys_of",
     "final_event",
 ]
+
+# How long has_api_keys() trusts its last answer. Authentication asks on every request (~3 % of
+# the API's CPU under submits on SQLite, a round trip on PostgreSQL); keys created or revoked
+# through the same store object take effect at once, through another process (`kontext-server
+# keys`) within this many seconds.
+API_KEYS_CACHE_S = 1.0
+
+
+class KeysPresence:
+    """``has_api_keys``'s answer, trusted for ``API_KEYS_CACHE_S`` (monotonic time, not the
+    store's clock) and forgotten when this store object creates or revokes a key."""
+
+    def __init__(self) -> None:
+        self._known: tuple[float, bool] | None = None  # (time.monotonic(), answer)
+
+    def answer(self, ask: Callable[[], bool]) -> bool:
+        known, now = self._known, time.monotonic()
+        if known is not None and now - known[0] < API_KEYS_CACHE_S:
+            return known[1]
+        answer = ask()
+        self._known = (now, answer)
+        return answer
+
+    def forget(self) -> None:
+        self._known = None
+
 
 CANCELLED_ERROR = "Request cancelled"
 CANCELLED_ERROR_TYPE = "client_cancelled"

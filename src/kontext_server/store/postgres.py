@@ -58,6 +58,7 @@ from kontext_server.store.common import (
     START_TIMEOUT_ERROR_TYPE,
     WORKER_LOST_ERROR,
     WORKER_LOST_ERROR_TYPE,
+    KeysPresence,
     check_retention_s,
     file_keys_of,
     final_event,
@@ -203,6 +204,7 @@ class PostgresJobStore:
         self._closed = False
         self._pool_lock = threading.Lock()
         self._pool_suspect = False
+        self._keys_presence = KeysPresence()
         self._pool = self._new_pool()
         try:
             self._migrate()
@@ -851,6 +853,7 @@ class PostgresJobStore:
                 ).fetchone()
             except pg_errors.UniqueViolation as exc:
                 raise StoreError(f"cannot create API key {key_id!r}: {exc}") from exc
+        self._keys_presence.forget()
         assert row is not None  # INSERT ... RETURNING returns the row
         return _api_key_from_row(row)
 
@@ -868,15 +871,19 @@ class PostgresJobStore:
     def revoke_api_key(self, key_id: str) -> bool:
         """``True`` if an active key with this id was revoked now; ``False`` if there is no
         such key or it was already revoked."""
-        return (
-            self._rowcount(
-                "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL",
-                (self._clock(), key_id),
-            )
-            == 1
+        revoked = self._rowcount(
+            "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL",
+            (self._clock(), key_id),
         )
+        self._keys_presence.forget()
+        return revoked == 1
 
     def has_api_keys(self) -> bool:
+        """Cached for ``API_KEYS_CACHE_S`` (``common.KeysPresence``): authentication asks on
+        every request, and each answer would be a round trip."""
+        return self._keys_presence.answer(self._any_active_key)
+
+    def _any_active_key(self) -> bool:
         row = self._fetchone(
             "SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL) AS any"
         )

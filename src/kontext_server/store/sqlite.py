@@ -44,6 +44,7 @@ from kontext_server.jobs import (
     WebhookDelivery,
 )
 from kontext_server.store.common import (
+    API_KEYS_CACHE_S,
     CANCELLED_ERROR,
     CANCELLED_ERROR_TYPE,
     DEFAULT_RETENTION_S,
@@ -52,6 +53,7 @@ from kontext_server.store.common import (
     START_TIMEOUT_ERROR_TYPE,
     WORKER_LOST_ERROR,
     WORKER_LOST_ERROR_TYPE,
+    KeysPresence,
     check_retention_s,
     file_keys_of,
     final_event,
@@ -70,10 +72,6 @@ __all__ = [
 ]
 
 BUSY_TIMEOUT_MS = 10_000
-# How long has_api_keys() trusts its last answer. Authentication asks on every request (~3 % of
-# the API's CPU under submits); keys created or revoked through this store object take effect
-# at once, through another process (`kontext-server keys`) within this many seconds.
-API_KEYS_CACHE_S = 1.0
 WORK_POLL_INTERVAL_S = 0.02  # wait_for_work's look at the table when no in-process signal came
 
 _QUEUE_POSITION_SQL = (
@@ -214,7 +212,7 @@ class SQLiteJobStore:
         # API's submit throughput fell to a third under 16 concurrent submits). Other
         # processes still meet busy_timeout.
         self._write_lock = threading.RLock()
-        self._api_keys_known: tuple[float, bool] | None = None  # (time.monotonic(), answer)
+        self._keys_presence = KeysPresence()
         self._pid = os.getpid()
         self._closed = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -795,7 +793,7 @@ class SQLiteJobStore:
             )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot create API key {key_id!r}: {exc}") from exc
-        self._api_keys_known = None
+        self._keys_presence.forget()
         return _api_key_from_row(row)
 
     def find_api_key(self, key_hash: str) -> ApiKey | None:
@@ -820,18 +818,17 @@ class SQLiteJobStore:
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
             (self._clock(), key_id),
         )
-        self._api_keys_known = None
+        self._keys_presence.forget()
         return cursor.rowcount == 1
 
     def has_api_keys(self) -> bool:
-        """Cached for ``API_KEYS_CACHE_S`` (monotonic time, not the store's clock)."""
-        known, now = self._api_keys_known, time.monotonic()
-        if known is not None and now - known[0] < API_KEYS_CACHE_S:
-            return known[1]
+        """Cached for ``API_KEYS_CACHE_S`` (``common.KeysPresence``)."""
+        return self._keys_presence.answer(self._any_active_key)
+
+    def _any_active_key(self) -> bool:
         row = (
             self._conn()
             .execute("SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)")
             .fetchone()
         )
-        self._api_keys_known = (now, bool(row[0]))
         return bool(row[0])
