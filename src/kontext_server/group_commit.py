@@ -1,4 +1,4 @@
-"""Group commit: the submits that reach the event loop in the same turn share one transaction.
+"""Group commit: the submits that reach the event loop together share one transaction.
 
 Under load most of a submit's store cost is the commit itself (SQLite writes every page the
 insert touched to the WAL, PostgreSQL waits for its WAL flush and a round trip), and the
@@ -15,18 +15,26 @@ limit together. A refused job's caller gets the refusal; the others go on.
 One job that the store refuses (``submit_many`` is all or nothing) must not fail the others:
 a failed batch is retried one job at a time, so each caller gets its own answer.
 
-The flush runs on the event loop, as the single submits did before (docs/performance.md:
-a thread-pool hop per submit cost more than the insert). Each event loop has its own
-parked submits (an app may be served by several loops at once, e.g. test clients in two
-threads); a loop stopped with submits parked strands only those.
+Where the flush runs depends on the store (``JobStore.waits_on_network``):
+
+* SQLite: on the event loop, as the single submits did before (docs/performance.md: a
+  thread-pool hop per submit cost more than the insert).
+* PostgreSQL: in the loop's default executor, one flush at a time per loop; the loop goes
+  on serving while it waits for the database, and the submits that arrive meanwhile form
+  the next batch, started as soon as this one is answered.
+
+Each event loop has its own parked submits (an app may be served by several loops at once,
+e.g. test clients in two threads); a loop stopped with submits parked strands only those.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from kontext_server.jobs import NewJob, Submitted
 from kontext_server.metrics import SUBMIT_BATCH_SIZE
@@ -41,13 +49,22 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 128
 
 _Parked = tuple[NewJob, "asyncio.Future[Submitted]"]
+_Outcome = Submitted | Exception  # what one caller is answered
 
 Admission = Callable[[Sequence[NewJob]], Sequence[Exception | None]]
 """For each job of a batch in turn: the exception that refuses it, or ``None``."""
 
 
+@dataclass
+class _LoopBatches:
+    """One event loop's parked submits, and whether a flush of it is away in a thread."""
+
+    parked: list[_Parked] = field(default_factory=list)
+    flushing: bool = False
+
+
 class GroupCommit:
-    """Batches ``JobStore.submit_many`` calls made on one event loop at a time."""
+    """Batches ``JobStore.submit_many`` calls made on an event loop."""
 
     def __init__(
         self, store: JobStore, *, admit: Admission | None = None, max_batch: int = MAX_BATCH
@@ -57,67 +74,91 @@ class GroupCommit:
         self._store = store
         self._admit = admit
         self._max_batch = max_batch
-        self._parked: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Parked]] = (
+        self._off_loop = store.waits_on_network
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatches] = (
             weakref.WeakKeyDictionary()
         )
 
     async def submit(self, job: NewJob) -> Submitted:
-        """Insert ``job`` with the others of this loop turn; raises what ``submit_many``
-        raised for it alone."""
+        """Insert ``job`` with the others parked with it; raises what refused it (the queue
+        limits, or what ``submit_many`` raised for it alone)."""
         loop = asyncio.get_running_loop()
-        parked = self._parked.setdefault(loop, [])
+        batches = self._loops.setdefault(loop, _LoopBatches())
         future: asyncio.Future[Submitted] = loop.create_future()
-        parked.append((job, future))
-        if len(parked) == 1:
-            loop.call_soon(self._flush, loop)
+        batches.parked.append((job, future))
+        if len(batches.parked) == 1 and not batches.flushing:
+            loop.call_soon(self._flush, loop, batches)
         return await future
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        parked = self._parked.pop(loop, [])
-        for start in range(0, len(parked), self._max_batch):
-            self._commit(self._admitted(parked[start : start + self._max_batch]))
+    def _flush(self, loop: asyncio.AbstractEventLoop, batches: _LoopBatches) -> None:
+        parked, batches.parked = batches.parked, []
+        chunks = [
+            parked[start : start + self._max_batch]
+            for start in range(0, len(parked), self._max_batch)
+        ]
+        jobs = [[job for job, _ in chunk] for chunk in chunks]
+        if not self._off_loop:
+            for chunk, outcomes in zip(chunks, map(self._outcomes, jobs), strict=True):
+                _deliver(chunk, outcomes)
+            return
+        batches.flushing = True
+        away = loop.run_in_executor(None, functools.partial(_map, self._outcomes, jobs))
+        away.add_done_callback(functools.partial(self._flushed, loop, batches, chunks))
 
-    def _admitted(self, batch: Sequence[_Parked]) -> list[_Parked]:
-        """The jobs that ``admit`` lets in; the others' callers get their refusal."""
-        if self._admit is None:
-            return list(batch)
+    def _flushed(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batches: _LoopBatches,
+        chunks: list[list[_Parked]],
+        away: asyncio.Future[list[list[_Outcome]]],
+    ) -> None:
+        batches.flushing = False
         try:
-            refusals = self._admit([job for job, _ in batch])
+            answered = away.result()
+        except Exception as exc:  # the executor refused the work (the loop is shutting down)
+            answered = [[exc] * len(chunk) for chunk in chunks]
+        for chunk, outcomes in zip(chunks, answered, strict=True):
+            _deliver(chunk, outcomes)
+        if batches.parked:  # arrived while this batch was away: the next batch, at once
+            self._flush(loop, batches)
+
+    def _outcomes(self, jobs: Sequence[NewJob]) -> list[_Outcome]:
+        """Each job's answer: refused by ``admit``, or inserted (or refused) by the store."""
+        try:
+            refusals = list(self._admit(jobs)) if self._admit else [None] * len(jobs)
         except Exception as exc:  # e.g. the store is down: every caller is told
-            for _, future in batch:
-                _fail(future, exc)
+            return [exc] * len(jobs)
+        admitted = [job for job, refusal in zip(jobs, refusals, strict=True) if refusal is None]
+        inserted = iter(self._insert(admitted))
+        return [next(inserted) if refusal is None else refusal for refusal in refusals]
+
+    def _insert(self, jobs: Sequence[NewJob]) -> list[_Outcome]:
+        if not jobs:
             return []
-        admitted = []
-        for parked, refusal in zip(batch, refusals, strict=True):
-            if refusal is None:
-                admitted.append(parked)
-            else:
-                _fail(parked[1], refusal)
-        return admitted
-
-    def _commit(self, batch: Sequence[_Parked]) -> None:
-        if not batch:
-            return
         try:
-            done = self._store.submit_many([job for job, _ in batch])
+            done: list[_Outcome] = list(self._store.submit_many(jobs))
         except Exception as exc:
-            if len(batch) > 1:
-                log.warning(
-                    "a batch of %d submits failed (%s); committing them one by one",
-                    len(batch),
-                    exc,
-                )
-                for parked in batch:
-                    self._commit([parked])
-                return
-            _fail(batch[0][1], exc)
-            return
-        SUBMIT_BATCH_SIZE.observe(len(batch))
-        for (_, future), result in zip(batch, done, strict=True):
-            if not future.done():
-                future.set_result(result)
+            if len(jobs) == 1:
+                return [exc]
+            log.warning(
+                "a batch of %d submits failed (%s); committing them one by one", len(jobs), exc
+            )
+            return [outcome for job in jobs for outcome in self._insert([job])]
+        SUBMIT_BATCH_SIZE.observe(len(jobs))
+        return done
 
 
-def _fail(future: asyncio.Future[Submitted], exc: Exception) -> None:
-    if not future.done():  # its caller may have gone (a cancelled request)
-        future.set_exception(exc)
+def _map(
+    outcomes: Callable[[Sequence[NewJob]], list[_Outcome]], batches: list[list[NewJob]]
+) -> list[list[_Outcome]]:
+    return [outcomes(jobs) for jobs in batches]
+
+
+def _deliver(chunk: Sequence[_Parked], outcomes: Sequence[_Outcome]) -> None:
+    for (_, future), outcome in zip(chunk, outcomes, strict=True):
+        if future.done():  # its caller has gone (a cancelled request)
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

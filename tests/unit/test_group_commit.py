@@ -341,3 +341,80 @@ def test_two_event_loops_in_two_threads_each_get_their_answers(
     for index in range(2):
         assert [answer.job.id for answer in answers[index]] == [j.id for j in batches[index]]
     assert sqlite_store.queue_depth() == 40
+
+
+# --- stores that wait on the network: the flush leaves the loop ------------------------------
+
+
+class NetworkStore(RecordingStore):
+    """A store that says its calls wait on the network (as PostgreSQL's do), records the
+    thread of each batch, and can hold a batch until the test lets it go."""
+
+    waits_on_network = True
+
+    def __init__(self, inner: SQLiteJobStore) -> None:
+        super().__init__(inner)
+        self.threads: list[threading.Thread] = []
+        self.hold_first = threading.Event()
+        self.hold_first.set()
+        self.first_started = threading.Event()
+
+    def submit_many(self, jobs: Sequence[NewJob]) -> list[Submitted]:
+        self.threads.append(threading.current_thread())
+        if len(self.threads) == 1:
+            self.first_started.set()
+            assert self.hold_first.wait(TIMEOUT_S)
+        return super().submit_many(jobs)
+
+
+def test_a_store_on_the_network_is_written_from_a_thread_not_the_loop(
+    sqlite_store: SQLiteJobStore,
+) -> None:
+    store = NetworkStore(sqlite_store)
+    group = GroupCommit(cast(JobStore, store))
+
+    async def submit_some() -> tuple[list[Any], threading.Thread]:
+        answers = await submit_together(group, [new_job() for _ in range(4)])
+        return answers, threading.current_thread()
+
+    answers, loop_thread = run(submit_some())
+
+    assert [answer.queue_position for answer in answers] == [0, 1, 2, 3]
+    assert store.batch_sizes() == [4]
+    assert store.threads and loop_thread not in store.threads
+
+
+def test_submits_arriving_while_a_batch_is_away_form_the_next_batch(
+    sqlite_store: SQLiteJobStore,
+) -> None:
+    store = NetworkStore(sqlite_store)
+    store.hold_first.clear()
+    group = GroupCommit(cast(JobStore, store))
+    first, later = [new_job() for _ in range(2)], [new_job() for _ in range(5)]
+
+    async def while_away() -> list[Any]:
+        away = asyncio.ensure_future(submit_together(group, first))
+        await asyncio.to_thread(store.first_started.wait, TIMEOUT_S)
+        parked = [asyncio.ensure_future(group.submit(job)) for job in later]
+        await asyncio.sleep(0.05)  # many loop turns: none flushes while the first is away
+        assert len(store.threads) == 1
+        store.hold_first.set()
+        return [*(await away), *(await asyncio.gather(*parked))]
+
+    answers = run(while_away())
+
+    assert store.batch_sizes() == [2, 5]
+    assert [answer.job.id for answer in answers] == [job.id for job in first + later]
+    assert [answer.queue_position for answer in answers] == list(range(7))
+
+
+def test_a_refusal_from_a_thread_reaches_only_its_caller(sqlite_store: SQLiteJobStore) -> None:
+    store = NetworkStore(sqlite_store)
+    jobs = [new_job() for _ in range(3)]
+    store.refused_ids.add(jobs[1].id)
+    group = GroupCommit(cast(JobStore, store))
+
+    answers = run(submit_together(group, jobs))
+
+    assert isinstance(answers[1], StoreError)
+    assert [answers[0].job.id, answers[2].job.id] == [jobs[0].id, jobs[2].id]

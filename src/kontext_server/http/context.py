@@ -3,10 +3,12 @@ dependencies that hand it out. ``create_app`` puts one ``ApiContext`` on ``app.s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, cast
+from typing import Annotated, ParamSpec, TypeVar, cast
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from kontext_server.auth import Authenticator, Principal
 from kontext_server.config import Settings
@@ -19,6 +21,8 @@ __all__ = ["ApiContext", "Caller", "Context", "api_context", "caller", "site_bas
 
 
 _SITE_BASE_KEY = "kontext.site_base"
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,15 @@ class ApiContext:
     stream_slots: StreamSlots = field(default_factory=StreamSlots)  # open SSE streams per key
     url_checker: SafeFetcher | None = None  # submit-time URL policy (same lists as fetching)
 
+    async def store_call(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call(...)``, a call that uses the job store: on the event loop where the store
+        answers locally (SQLite: microseconds, less than a thread hop), in the thread pool
+        where it waits on the network (PostgreSQL), so that the loop serves others
+        meanwhile."""
+        if self.service.store.waits_on_network:
+            return await run_in_threadpool(call, *args, **kwargs)
+        return call(*args, **kwargs)
+
 
 async def api_context(request: Request) -> ApiContext:
     return cast(ApiContext, request.app.state.context)
@@ -45,7 +58,8 @@ Context = Annotated[ApiContext, Depends(api_context)]
 async def caller(request: Request, context: Context) -> Principal:
     """Authenticates the request (raises ``AuthError``, answered 401/403)."""
     client_host = request.client.host if request.client else None
-    return context.authenticator.authenticate(request.headers.get("authorization"), client_host)
+    authenticate = context.authenticator.authenticate
+    return await context.store_call(authenticate, request.headers.get("authorization"), client_host)
 
 
 Caller = Annotated[Principal, Depends(caller)]

@@ -44,7 +44,7 @@ from kontext_server.http.wire import (
     status_body,
     submit_body,
 )
-from kontext_server.jobs import CancelOutcome, Job, JobStatus
+from kontext_server.jobs import CancelOutcome, Job, JobEvent, JobStatus
 from kontext_server.service import SubmitOutcome
 
 __all__ = [
@@ -158,12 +158,12 @@ class _QueueRoutes:
         logs: str | None = None,
     ) -> JSONResponse:
         """202 while queued or running, 200 once completed: PROTOCOL.md §4."""
-        job = _find(context, endpoint, request_id, principal.owner)
-        if job is None:
+        found = await context.store_call(
+            _status_of, context, endpoint, request_id, principal.owner, with_logs=_truthy(logs)
+        )
+        if found is None:
             return _not_found(request_id)
-        service = context.service
-        position = service.queue_position(job) if job.status is JobStatus.QUEUED else None
-        events = service.logs(job.id) if _truthy(logs) else None
+        job, position, events = found
         body = status_body(job, self._urls(request, job), queue_position=position, logs=events)
         code = 200 if job.status.is_final else 202
         return JSONResponse(body, status_code=code, headers={REQUEST_ID_HEADER: job.id})
@@ -275,6 +275,18 @@ async def _submit(
         retry=options.retry,
         retention_s=options.retention_s,
     )
+
+
+def _status_of(
+    context: ApiContext, endpoint: str, request_id: str, owner: str | None, *, with_logs: bool
+) -> tuple[Job, int | None, list[JobEvent] | None] | None:
+    """The job, its queue position (queued jobs only) and its events (when asked)."""
+    job = _find(context, endpoint, request_id, owner)
+    if job is None:
+        return None
+    service = context.service
+    position = service.queue_position(job) if job.status is JobStatus.QUEUED else None
+    return job, position, service.logs(job.id) if with_logs else None
 
 
 def _find(context: ApiContext, endpoint: str, request_id: str, owner: str | None) -> Job | None:

@@ -52,6 +52,11 @@ __all__ = ["JobStore"]
 class JobStore(Protocol):
     """Durable job queue. Thread-safe: each thread may call any method."""
 
+    # True when a call waits for another process (PostgreSQL: a round trip to the server).
+    # The API then makes its calls off the event loop; False (SQLite: a local file, calls of
+    # microseconds) keeps them on it, where a thread hop would cost more than the call.
+    waits_on_network: bool
+
     # --- API side ---------------------------------------------------------------------------
     def submit(self, job: NewJob) -> tuple[Job, bool]:
         """Insert ``job``; returns ``(job, True)``. With an ``idempotency_key`` already used by

@@ -182,6 +182,8 @@ class PostgresJobStore:
     call waits for a connection (e.g. while PostgreSQL is down) before ``StoreError``.
     """
 
+    waits_on_network = True  # every call is a round trip: the API calls off its event loop
+
     def __init__(
         self,
         dsn: str,

@@ -187,6 +187,8 @@ class SQLiteJobStore:
     ``NewJob.retention_s`` is ``None``.
     """
 
+    waits_on_network = False  # a local file: calls stay on the API's event loop
+
     def __init__(
         self,
         path: str | os.PathLike[str],
