@@ -260,9 +260,9 @@ async def _submit(
     if context.url_checker is not None:
         own_files_url = f"{site_base(request)}/files/"
         precheck_urls(job_input, webhook, context.url_checker, own_files_url=own_files_url)
-    # On the event loop, not the thread pool: each thread-pool hop cost submits a third of
-    # their throughput and status polls their p99 (GIL hand-offs under load). The submits of
-    # one loop turn commit together (group commit; see docs/performance.md).
+    # The submits that reach the loop together commit together (group commit), on the loop
+    # for SQLite (a thread hop per submit cost a third of the throughput), off it for
+    # PostgreSQL (a round trip would stall every other request); see docs/performance.md.
     return await context.service.submit_async(
         endpoint.strip("/"),
         job_input,
