@@ -101,8 +101,13 @@ class GroupCommit:
             for chunk, outcomes in zip(chunks, map(self._outcomes, jobs), strict=True):
                 _deliver(chunk, outcomes)
             return
+        try:
+            away = loop.run_in_executor(None, functools.partial(_map, self._outcomes, jobs))
+        except RuntimeError as exc:  # the loop's executor is shut down: the server is stopping
+            for chunk in chunks:
+                _deliver(chunk, [exc] * len(chunk))
+            return
         batches.flushing = True
-        away = loop.run_in_executor(None, functools.partial(_map, self._outcomes, jobs))
         away.add_done_callback(functools.partial(self._flushed, loop, batches, chunks))
 
     def _flushed(

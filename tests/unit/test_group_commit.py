@@ -418,3 +418,18 @@ def test_a_refusal_from_a_thread_reaches_only_its_caller(sqlite_store: SQLiteJob
 
     assert isinstance(answers[1], StoreError)
     assert [answers[0].job.id, answers[2].job.id] == [jobs[0].id, jobs[2].id]
+
+
+def test_submits_parked_when_the_executor_is_gone_are_refused_not_left_waiting(
+    sqlite_store: SQLiteJobStore,
+) -> None:
+    group = GroupCommit(cast(JobStore, NetworkStore(sqlite_store)))
+
+    async def after_shutdown() -> list[Any]:
+        await asyncio.get_running_loop().shutdown_default_executor()
+        return await submit_together(group, [new_job(), new_job()])
+
+    answers = run(after_shutdown())
+
+    assert all(isinstance(answer, RuntimeError) for answer in answers)
+    assert sqlite_store.queue_depth() == 0
