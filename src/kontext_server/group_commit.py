@@ -90,6 +90,14 @@ class GroupCommit:
             loop.call_soon(self._flush, loop, batches)
         return await future
 
+    def submit_now(self, job: NewJob) -> Submitted:
+        """``submit`` for callers off the event loop (threads, CLI): ``job`` alone, judged
+        and inserted in the calling thread."""
+        (outcome,) = self._outcomes([job])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
     def _flush(self, loop: asyncio.AbstractEventLoop, batches: _LoopBatches) -> None:
         parked, batches.parked = batches.parked, []
         chunks = [

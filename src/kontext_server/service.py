@@ -133,11 +133,7 @@ class QueueService:
         queued jobs, and ``IdempotencyConflictError`` when ``idempotency_key`` was used by this
         owner for a different request."""
         new_job = self._new_job(endpoint, input, options)
-        (refusal,) = self.refusals([new_job])
-        if refusal is not None:
-            raise refusal
-        (done,) = self.store.submit_many([new_job])
-        return self._outcome(new_job, done)
+        return self._outcome(new_job, self._group_commit.submit_now(new_job))
 
     async def submit_async(
         self, endpoint: str, input: dict[str, Any], **options: Unpack[SubmitArgs]

@@ -433,3 +433,19 @@ def test_submits_parked_when_the_executor_is_gone_are_refused_not_left_waiting(
 
     assert all(isinstance(answer, RuntimeError) for answer in answers)
     assert sqlite_store.queue_depth() == 0
+
+
+def test_submit_now_judges_and_inserts_in_the_calling_thread(
+    recorder: RecordingStore, sqlite_store: SQLiteJobStore
+) -> None:
+    full = RuntimeError("queue full")
+    admitted, refused = new_job(), new_job()
+    group = group_over(recorder, admit=lambda jobs: [full if j is refused else None for j in jobs])
+
+    answer = group.submit_now(admitted)
+    with pytest.raises(RuntimeError, match="queue full"):
+        group.submit_now(refused)
+
+    assert answer.job.id == admitted.id
+    assert recorder.batches == [[admitted.id]]
+    assert sqlite_store.get(refused.id) is None

@@ -56,7 +56,7 @@ __all__ = [
     "run_router",
 ]
 
-QUEUE_PREFIXES = ("/queue", "")  # "/queue" first: the bare catch-all would swallow it
+QUEUE_PREFIXES = ("/queue", "")  # "/queue" first: the bare request routes would take it too
 RUN_PREFIX = "/run"
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _NOT_FOUND = {"detail": "Request not found"}

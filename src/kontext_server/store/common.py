@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kontext_server.errors import ConfigError
+from kontext_server.errors import ConfigError, StoreError
 from kontext_server.jobs import JobStatus
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "check_retention_s",
     "file_keys_of",
     "final_event",
+    "finish_error",
 ]
 
 # How long has_api_keys() trusts its last answer. Authentication asks on every request (~3 % of
@@ -64,6 +65,20 @@ WORKER_LOST_ERROR_TYPE = "runner_disconnected"
 RELEASED_EVENT = "handed back (worker draining)"
 
 DEFAULT_RETENTION_S = 30 * 24 * 3600.0  # fal keeps payloads 30 days
+
+
+def finish_error(
+    status: JobStatus, error: str | None, error_type: str | None
+) -> tuple[str | None, str | None]:
+    """``finish``'s (error, error_type) for ``status``; ``StoreError`` unless it is final. A
+    ``canceled`` finish without an error gets fal's ``Request cancelled`` /
+    ``client_cancelled``."""
+    if not status.is_final:
+        finals = ", ".join(s.value for s in JobStatus if s.is_final)
+        raise StoreError(f"finish needs a final status ({finals}), not {status}")
+    if status is JobStatus.CANCELED and error is None:
+        return CANCELLED_ERROR, error_type or CANCELLED_ERROR_TYPE
+    return error, error_type
 
 
 def final_event(status: JobStatus, error: str | None) -> tuple[str, str]:

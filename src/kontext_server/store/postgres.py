@@ -62,6 +62,7 @@ from kontext_server.store.common import (
     check_retention_s,
     file_keys_of,
     final_event,
+    finish_error,
 )
 from kontext_server.store.postgres_schema import (
     MIGRATION_LOCK_ID,
@@ -75,7 +76,6 @@ __all__ = ["PostgresJobStore"]
 Connection = psycopg.Connection[DictRow]
 
 CONNECT_TIMEOUT_S = 5
-_FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
 _AHEAD_OF_INSERTED = (
     "(SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
@@ -664,12 +664,7 @@ class PostgresJobStore:
     ) -> bool:
         """Fenced completion. A ``canceled`` finish without an error gets fal's
         ``Request cancelled`` / ``client_cancelled``."""
-        if not status.is_final:
-            raise StoreError(
-                f"finish needs a final status ({', '.join(_FINAL_STATUSES)}), not {status}"
-            )
-        if status is JobStatus.CANCELED and error is None:
-            error, error_type = CANCELLED_ERROR, error_type or CANCELLED_ERROR_TYPE
+        error, error_type = finish_error(status, error, error_type)
         level, message = final_event(status, error)
         rows = self._fetchall(
             _closing(

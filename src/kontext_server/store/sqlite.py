@@ -44,7 +44,6 @@ from kontext_server.jobs import (
     WebhookDelivery,
 )
 from kontext_server.store.common import (
-    API_KEYS_CACHE_S,
     CANCELLED_ERROR,
     CANCELLED_ERROR_TYPE,
     DEFAULT_RETENTION_S,
@@ -57,11 +56,11 @@ from kontext_server.store.common import (
     check_retention_s,
     file_keys_of,
     final_event,
+    finish_error,
 )
 from kontext_server.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
-    "API_KEYS_CACHE_S",
     "CANCELLED_ERROR",
     "CANCELLED_ERROR_TYPE",
     "START_TIMEOUT_ERROR",
@@ -91,7 +90,6 @@ _QUEUE_POSITION_SQL = (
     "   END"
     " FROM jobs AS j WHERE j.id = ? AND j.status = 'queued'"
 )
-_FINAL_STATUSES = tuple(s.value for s in JobStatus if s.is_final)
 _FENCE = "id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
 
 
@@ -602,12 +600,7 @@ class SQLiteJobStore:
     ) -> bool:
         """Fenced completion. A ``canceled`` finish without an error gets fal's
         ``Request cancelled`` / ``client_cancelled``."""
-        if not status.is_final:
-            raise StoreError(
-                f"finish needs a final status ({', '.join(_FINAL_STATUSES)}), not {status}"
-            )
-        if status is JobStatus.CANCELED and error is None:
-            error, error_type = CANCELLED_ERROR, error_type or CANCELLED_ERROR_TYPE
+        error, error_type = finish_error(status, error, error_type)
         with self._write() as conn:
             now = self._clock()
             rows = conn.execute(
