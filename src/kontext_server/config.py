@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kontext_server.engine_options import AccelerationPreset, parse_memory_mode
+
 __all__ = ["Settings"]
 
 
@@ -47,6 +49,16 @@ class Settings(BaseSettings):
     device: str | None = None  # cuda, cuda:1, cpu; default: cuda if available
     default_steps: int | None = None  # None: 28 for real weights, 4 for tiny
     multi_reference_budget_px: int = 2 * 1024 * 1024  # total reference pixels for /multi
+
+    # --- engine speed and memory (docs/performance.md#presets) -----------------------------
+    # none | compile (lossless) | fp8 | cache (compile + step caching) | fp8-cache
+    acceleration: AccelerationPreset = "none"
+    # resident | fp8-storage | nf4 | model-offload | group-offload | storage+offload
+    memory: str = "resident"
+    cache_threshold: float = Field(default=0.12, gt=0, le=1)  # step cache (cache presets)
+    prompt_cache_size: int = Field(default=32, ge=0)  # prompts whose text embeddings are kept
+    warmup: bool = True  # compile/warm the engine before the worker claims its first request
+    compile_cache: Path | None = None  # default: <data_dir>/compile-cache
 
     # --- HTTP ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -138,6 +150,11 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("memory")
+    @classmethod
+    def _memory_mode(cls, value: str) -> str:
+        return str(parse_memory_mode(value))
+
     @field_validator(
         "fetch_allow_hosts",
         "fetch_allow_ports",
@@ -155,6 +172,10 @@ class Settings(BaseSettings):
     def engine_for(self, endpoint: str) -> str:
         """The engine that runs jobs of ``endpoint``: ``"local"`` unless ``engines`` says."""
         return self.engines.get(endpoint, "local")
+
+    def compile_cache_dir(self) -> Path:
+        """Where compiled kernels are kept, so that a restart does not compile again."""
+        return (self.compile_cache or self.data_dir / "compile-cache").resolve()
 
     def store_url(self) -> str:
         return self.store or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"

@@ -8,9 +8,18 @@ from typing import Literal, Protocol
 
 from PIL import Image
 
-__all__ = ["EditPipeline", "EditRequest", "EditResult", "EncodedImage", "OutputFormat"]
+__all__ = [
+    "EditPipeline",
+    "EditRequest",
+    "EditResult",
+    "EncodedImage",
+    "OutputFormat",
+    "RequestAcceleration",
+]
 
 OutputFormat = Literal["jpeg", "png"]
+# fal [dev]'s per-request speed/quality choice; None: the worker's configured preset as is
+RequestAcceleration = Literal["none", "regular", "high"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,9 @@ class EditRequest:
     # True: the output keeps the first input's own size (fal [dev]'s resolution_mode
     # "match_input"); only without aspect_ratio. See sizing.output_size.
     match_input_size: bool = False
+    # fal [dev]'s acceleration: "none" turns a preset's step cache off for this edit, "high"
+    # raises its threshold (worker.acceleration); compile and fp8 are the process's own.
+    acceleration: RequestAcceleration | None = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from kontext_server.errors import ModelLoadError
+from kontext_server.worker.acceleration import MemoryMode
 
 __all__ = [
     "FULL_SIZE",
@@ -228,29 +229,95 @@ def load_kontext_pipeline(
     device: str | None = None,
     config_dir: Path | None = None,
     allow_download: bool = False,
+    memory: MemoryMode | None = None,
 ) -> tuple[Any, bool]:
-    """Load ``model`` onto ``device``; return ``(pipe, random_weights)`` where ``pipe`` is a
+    """Load ``model`` for ``device``; return ``(pipe, random_weights)`` where ``pipe`` is a
     diffusers ``FluxKontextPipeline``.
 
-    ``random_weights`` is true for ``tiny`` and ``dummy-full``. Raises ``ModelLoadError``.
+    ``random_weights`` is true for ``tiny`` and ``dummy-full``. With an offloading ``memory``
+    mode, weights read from disk stay in CPU memory (the offload hooks move them); with
+    ``nf4`` they are quantized while they load. Raises ``ModelLoadError``.
     """
+    memory = memory or MemoryMode()
     target = resolve_device(device)
     dtype = resolve_dtype(target)
+    if memory.storage == "nf4":
+        _check_nf4(model, target)
     if model == "tiny":
         return build_random_pipeline(TINY, device=target, dtype=dtype, seed=_TINY_SEED), True
     if model == "dummy-full":
-        return build_random_pipeline(FULL_SIZE, device=target, dtype=dtype), True
+        # Random weights are built where they will run (a second, not minutes on the CPU),
+        # also with offload when the device has room for the build: the offload hooks then
+        # move them to CPU memory before the first edit.
+        build_on = target if _has_room_for_full_build(target) else torch.device("cpu")
+        return build_random_pipeline(FULL_SIZE, device=build_on, dtype=dtype), True
     path = Path(model).expanduser()
     if model.startswith((".", "/", "~")) and not path.exists():
         raise ModelLoadError(
             f"model path {path} does not exist; give a diffusers folder, a .safetensors or "
             "a .gguf file, a Hugging Face id, 'tiny' or 'dummy-full'"
         )
+    quantization = _nf4_config(dtype) if memory.storage == "nf4" else None
     if path.suffix in (".safetensors", ".gguf"):
+        if quantization is not None:
+            raise ModelLoadError(
+                f"memory mode nf4 quantizes a diffusers folder or Hugging Face model while it "
+                f"loads; {path.name} is a single file: give its diffusers folder, or use "
+                "fp8-storage"
+            )
         pipe = _load_single_file(path, config_dir, allow_download=allow_download, dtype=dtype)
     else:
-        pipe = _load_pretrained(model, allow_download=allow_download, dtype=dtype)
+        pipe = _load_pretrained(
+            model, allow_download=allow_download, dtype=dtype, quantization=quantization
+        )
+    if memory.loads_on_cpu:
+        return pipe, False
     return pipe.to(target), False
+
+
+_FULL_BUILD_BYTES = 40 * 1024**3  # dummy-full in bf16 (~34 GB) plus room to run
+
+
+def _has_room_for_full_build(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return free_bytes >= _FULL_BUILD_BYTES
+
+
+def _check_nf4(model: str, device: torch.device) -> None:
+    if model in ("tiny", "dummy-full"):
+        raise ModelLoadError(
+            f"memory mode nf4 quantizes weights while they load from disk; {model!r} is built "
+            "in memory with random weights: use fp8-storage, or a real model folder"
+        )
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"memory mode nf4 (bitsandbytes) needs a CUDA GPU; this worker runs on {device}. "
+            "Use fp8-storage or an offload mode instead."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            "memory mode nf4 needs bitsandbytes: pip install 'kontext-server[nf4]'"
+        ) from exc
+
+
+def _nf4_config(dtype: torch.dtype) -> Any:
+    """bitsandbytes 4-bit NormalFloat for the transformer and T5, computing in ``dtype``."""
+    from diffusers.quantizers.pipe_quant_config import PipelineQuantizationConfig
+
+    quant_kwargs: dict[str, Any] = {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": dtype,
+    }
+    return PipelineQuantizationConfig(
+        quant_backend="bitsandbytes_4bit",
+        quant_kwargs=quant_kwargs,
+        components_to_quantize=["transformer", "text_encoder_2"],
+    )
 
 
 # --- random-weight builds ---------------------------------------------------------------------
@@ -336,12 +403,15 @@ def _byte_level_alphabet() -> list[str]:
 # --- weights from disk or the hub -------------------------------------------------------------
 
 
-def _load_pretrained(model: str, *, allow_download: bool, dtype: torch.dtype) -> Any:
+def _load_pretrained(
+    model: str, *, allow_download: bool, dtype: torch.dtype, quantization: Any = None
+) -> Any:
     is_folder = Path(model).expanduser().is_dir()
     source = str(Path(model).expanduser()) if is_folder else model
+    extra: dict[str, Any] = {} if quantization is None else {"quantization_config": quantization}
     return _mapping_errors(
         lambda: FluxKontextPipeline.from_pretrained(
-            source, torch_dtype=dtype, local_files_only=not allow_download
+            source, torch_dtype=dtype, local_files_only=not allow_download, **extra
         ),
         tried=f"diffusers folder {source}" if is_folder else f"Hugging Face model {source!r}",
         hint=_pretrained_hint(is_folder, allow_download),

@@ -18,6 +18,11 @@
   step callback, so nothing is decoded.
 * **Encoding off the critical path**: image *i* is JPEG/PNG-encoded in a thread while image
   *i+1* denoises.
+* **Acceleration** (``worker.acceleration``): a speed preset and a memory mode applied once
+  after loading; ``warmup()`` compiles before the first request; fal's per-request
+  ``acceleration`` sets the step cache for one edit.
+* **Prompt embeddings cached**: the T5 and CLIP outputs of the last ``prompt_cache_size``
+  prompts are kept on the device; a repeated prompt skips both text encoders.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -41,7 +48,16 @@ from kontext_server import imaging, sizing
 from kontext_server.config import Settings
 from kontext_server.editing import EditRequest, EditResult, EncodedImage
 from kontext_server.errors import EditCancelled, InputError
-from kontext_server.worker.models import load_kontext_pipeline
+from kontext_server.worker.acceleration import (
+    Acceleration,
+    Applied,
+    apply_acceleration,
+    parse_memory_mode,
+    step_cache_at,
+    step_cache_run,
+    step_cache_threshold,
+)
+from kontext_server.worker.models import load_kontext_pipeline, resolve_device
 
 __all__ = [
     "MAX_NUM_IMAGES",
@@ -49,6 +65,8 @@ __all__ = [
     "KontextPipeline",
     "MultiReferenceFluxKontextPipeline",
     "PackedReferences",
+    "PromptCache",
+    "acceleration_from_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +81,12 @@ _DRAWN_SEED_BOUND = 2**53  # fits a JSON number exactly
 _REAL_WEIGHTS_DEFAULT_STEPS = 28
 _RANDOM_WEIGHTS_DEFAULT_STEPS = 4
 _TEXT_MAX_SEQUENCE_LENGTH = 512  # diffusers' default for Kontext
+DEFAULT_PROMPT_CACHE_SIZE = 32  # T5 output: 512 x 4096 bf16 = 4 MiB a prompt on the GPU
+_WARMUP_PROMPT = "warm up: compile the transformer blocks"
+# Shapes compiled before the first request: the square bucket first (kept as static kernels),
+# then a second shape, which makes torch.compile build the dynamic-shape kernels that serve
+# every other size without compiling again.
+_WARMUP_ASPECTS = ("1:1", "4:3")
 
 
 @dataclass(frozen=True)
@@ -174,9 +198,19 @@ class KontextPipeline:
         multi_reference_budget_px: int = 2 * sizing.ONE_MEGAPIXEL,
         area_px: int | None = None,
         model_name: str = "",
+        acceleration: Acceleration | None = None,
+        device: torch.device | None = None,
+        prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
     ) -> None:
         self.pipe = _as_multi_reference(pipe)
         self.pipe.set_progress_bar_config(disable=True)
+        self.acceleration = acceleration or Acceleration()
+        self.applied: Applied = apply_acceleration(
+            self.pipe, self.acceleration, device or self.pipe._execution_device
+        )
+        self.prompt_cache = PromptCache(prompt_cache_size)
+        self.capture_latents = False  # the bench's deviation: keep the last final latents
+        self.last_latents: torch.Tensor | None = None
         self.random_weights = random_weights
         fallback_steps = (
             _RANDOM_WEIGHTS_DEFAULT_STEPS if random_weights else _REAL_WEIGHTS_DEFAULT_STEPS
@@ -199,10 +233,18 @@ class KontextPipeline:
         allow_download: bool = False,
         default_steps: int | None = None,
         multi_reference_budget_px: int = 2 * sizing.ONE_MEGAPIXEL,
+        acceleration: Acceleration | None = None,
+        prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
     ) -> KontextPipeline:
-        """Load ``model`` (see ``worker.models``); raises ``ModelLoadError``."""
+        """Load ``model`` (see ``worker.models``) and apply ``acceleration``; raises
+        ``ModelLoadError``."""
+        acceleration = acceleration or Acceleration()
         pipe, random_weights = load_kontext_pipeline(
-            model, device=device, config_dir=config_dir, allow_download=allow_download
+            model,
+            device=device,
+            config_dir=config_dir,
+            allow_download=allow_download,
+            memory=acceleration.memory,
         )
         return cls(
             pipe,
@@ -210,6 +252,9 @@ class KontextPipeline:
             default_steps=default_steps,
             multi_reference_budget_px=multi_reference_budget_px,
             model_name=model,
+            acceleration=acceleration,
+            device=resolve_device(device),
+            prompt_cache_size=prompt_cache_size,
         )
 
     @classmethod
@@ -221,7 +266,45 @@ class KontextPipeline:
             allow_download=settings.allow_download,
             default_steps=settings.default_steps,
             multi_reference_budget_px=settings.multi_reference_budget_px,
+            acceleration=acceleration_from_settings(settings),
+            prompt_cache_size=settings.prompt_cache_size,
         )
+
+    def describe_acceleration(self, requested: str) -> str | None:
+        """One line for a job's logs: what fal's ``acceleration`` does on this engine (None
+        when it asks for nothing: "none" where there is no step cache to turn off)."""
+        configured = self.acceleration.describe()
+        if not self.acceleration.step_cache:
+            if requested == "none":
+                return None
+            return (
+                f"acceleration {requested!r}: this worker runs {configured}; without a step "
+                "cache the request's choice changes nothing"
+            )
+        threshold = step_cache_threshold(self.acceleration, requested)  # type: ignore[arg-type]
+        state = "off" if threshold == 0 else f"threshold {threshold:g}"
+        return f"acceleration {requested!r}: step cache {state} ({configured})"
+
+    def warmup(self, steps: int = 2) -> float:
+        """Run throwaway edits at the shapes compiled ahead (``_WARMUP_ASPECTS``) so that the
+        first request does not pay for compilation; returns the seconds it took. Without a
+        compiling preset one short edit still loads the kernels (cuDNN, cuBLAS) once."""
+        started = time.perf_counter()
+        aspects = _WARMUP_ASPECTS if self.acceleration.compiles else _WARMUP_ASPECTS[:1]
+        side = 1024 if self.area_px is None else max(16, int(self.area_px**0.5))
+        for aspect in aspects:
+            reference = Image.new("RGB", (side, side), (127, 127, 127))
+            self.edit(
+                EditRequest(
+                    prompt=_WARMUP_PROMPT,
+                    images=[reference],
+                    seed=0,
+                    aspect_ratio=aspect,
+                    num_inference_steps=steps,
+                )
+            )
+        self.prompt_cache.clear()
+        return time.perf_counter() - started
 
     @property
     def device(self) -> torch.device:
@@ -256,13 +339,18 @@ class KontextPipeline:
         width, height = self.output_size(request)
         references, prompt = self._prepare(request)
         prepared = time.perf_counter()
-        progress = _StepReporter(steps * request.num_images, on_step, should_cancel)
+        progress = _StepReporter(
+            steps * request.num_images, on_step, should_cancel, capture=self.capture_latents
+        )
         encodings: list[Future[tuple[EncodedImage, float]]] = []
-        for index in range(request.num_images):
-            image = self._denoise(
-                request, references, prompt, seed + index, width, height, steps, progress
-            )
-            encodings.append(self._encoder.submit(_timed_encode, image, request.output_format))
+        threshold = step_cache_threshold(self.acceleration, request.acceleration)
+        with step_cache_at(self.pipe, threshold):
+            for index in range(request.num_images):
+                image = self._denoise(
+                    request, references, prompt, seed + index, width, height, steps, progress
+                )
+                encodings.append(self._encoder.submit(_timed_encode, image, request.output_format))
+        self.last_latents = progress.last_latents
         inferred = time.perf_counter()
         encoded = [future.result() for future in encodings]
         finished = time.perf_counter()
@@ -316,15 +404,21 @@ class KontextPipeline:
             references = self.pipe.encode_references(
                 request.images, self.reference_sizes(request.images)
             )
-        with torch.no_grad():
-            prompt_embeds, pooled_prompt_embeds, _ = self.pipe.encode_prompt(
-                prompt=request.prompt,
-                prompt_2=None,
-                device=self.device,
-                num_images_per_prompt=1,
-                max_sequence_length=_TEXT_MAX_SEQUENCE_LENGTH,
-            )
-        prompt = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+        prompt = self.prompt_cache.get(request.prompt)
+        if prompt is None:
+            with torch.no_grad():
+                prompt_embeds, pooled_prompt_embeds, _ = self.pipe.encode_prompt(
+                    prompt=request.prompt,
+                    prompt_2=None,
+                    device=self.device,
+                    num_images_per_prompt=1,
+                    max_sequence_length=_TEXT_MAX_SEQUENCE_LENGTH,
+                )
+            prompt = {
+                "prompt_embeds": prompt_embeds,
+                "pooled_prompt_embeds": pooled_prompt_embeds,
+            }
+            self.prompt_cache.put(request.prompt, prompt)
         return references, prompt
 
     def _denoise(
@@ -343,7 +437,7 @@ class KontextPipeline:
         conditioning: AbstractContextManager[None] = (
             contextlib.nullcontext() if references is None else self.pipe.conditioned_on(references)
         )
-        with conditioning:
+        with conditioning, step_cache_run(self.pipe):
             output = self.pipe(
                 image=None,
                 height=height,
@@ -353,7 +447,7 @@ class KontextPipeline:
                 guidance_scale=request.guidance_scale,
                 generator=generator,
                 callback_on_step_end=progress.callback,
-                callback_on_step_end_tensor_inputs=[],
+                callback_on_step_end_tensor_inputs=["latents"] if progress.capture else [],
                 output_type="pil",
                 **prompt,
             )
@@ -370,7 +464,11 @@ class _StepReporter:
         total_steps: int,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
+        *,
+        capture: bool = False,
     ) -> None:
+        self.capture = capture
+        self.last_latents: torch.Tensor | None = None
         self.total_steps = total_steps
         self.on_step = on_step
         self.should_cancel = should_cancel
@@ -386,6 +484,8 @@ class _StepReporter:
             self.step_durations_s.append(now - self._last_step_at)
         self._last_step_at = now
         self.done_steps += 1
+        if self.capture:
+            self.last_latents = tensors["latents"].detach().float().cpu()
         if self.on_step is not None:
             self.on_step(self.done_steps, self.total_steps)
         if self.should_cancel is not None and self.should_cancel():
@@ -397,6 +497,57 @@ class _StepReporter:
         if not self.step_durations_s:
             return 0.0
         return 1000.0 * sum(self.step_durations_s) / len(self.step_durations_s)
+
+
+class PromptCache:
+    """The text encoders' outputs of recent prompts, least recently used dropped first.
+
+    Keyed by the prompt text alone: one engine has one model, and the embeddings depend on
+    nothing else. Tensors stay on the device they were made on. ``size`` 0 turns it off."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(0, size)
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, prompt: str) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            entry = self._entries.get(prompt)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(prompt)
+            self.hits += 1
+            return entry
+
+    def put(self, prompt: str, embeddings: dict[str, torch.Tensor]) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._entries[prompt] = embeddings
+            self._entries.move_to_end(prompt)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def acceleration_from_settings(settings: Settings) -> Acceleration:
+    """The engine's ``Acceleration`` from ``KONTEXT_ACCELERATION``, ``KONTEXT_MEMORY``,
+    ``KONTEXT_CACHE_THRESHOLD`` and the compile cache folder (under the data dir)."""
+    return Acceleration(
+        preset=settings.acceleration,
+        memory=parse_memory_mode(settings.memory),
+        cache_threshold=settings.cache_threshold,
+        compile_cache_dir=settings.compile_cache_dir(),
+    )
 
 
 def _as_multi_reference(pipe: Any) -> MultiReferenceFluxKontextPipeline:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
@@ -35,6 +35,7 @@ from kontext_server.editing import (
     EditResult,
     EncodedImage,
     OutputFormat,
+    RequestAcceleration,
 )
 from kontext_server.errors import EditCancelled, InputError, StoreError
 from kontext_server.fetch import SafeFetcher, load_image_bytes
@@ -317,7 +318,7 @@ class JobRunner:
                 "enhance_prompt: no prompt upsampler is configured; the prompt is used as given",
                 level="WARN",
             )
-        self._note_acceleration(job)
+        acceleration = self._note_acceleration(job)
         if self.pipeline.random_weights:
             self.store.add_event(
                 job.id,
@@ -336,19 +337,20 @@ class JobRunner:
             num_inference_steps=data.get("num_inference_steps"),
             output_format=fmt,
             match_input_size=match_input_size,
+            acceleration=acceleration,
         )
 
-    def _note_acceleration(self, job: Job) -> None:
-        """fal [dev]'s ``acceleration`` is stored with the input; this engine has no
-        acceleration settings yet, so anything but "none" is logged and the edit runs as
-        usual."""
-        acceleration = job.input.get("acceleration", "none")
-        if acceleration != "none":
-            self.store.add_event(
-                job.id,
-                f"acceleration {acceleration!r}: this engine has no acceleration settings yet; "
-                "the edit runs at full quality",
-            )
+    def _note_acceleration(self, job: Job) -> RequestAcceleration | None:
+        """fal [dev]'s ``acceleration``: what it changes on this worker, said in the job's
+        logs (step caching per request; compile and fp8 are the worker's own settings)."""
+        acceleration = job.input.get("acceleration")
+        if acceleration not in ("none", "regular", "high"):
+            return None
+        note = getattr(self.pipeline, "describe_acceleration", None)
+        message = None if note is None else note(acceleration)
+        if message:
+            self.store.add_event(job.id, message)
+        return cast("RequestAcceleration", acceleration)
 
     def _load_image(self, source: str) -> Image.Image:
         # This server's own files (uploads, earlier outputs) are read from the file store:
