@@ -71,6 +71,7 @@ class WorkerSpec:
 
     argv: Sequence[str]
     env: dict[str, str] = field(default_factory=dict)
+    engine: str = "local"  # "bfl": the upstream worker (no GPU, no model)
 
 
 @dataclass
@@ -102,6 +103,14 @@ class WorkerSupervisor:
     @property
     def pids(self) -> list[int]:
         return [s.process.pid for s in self._slots if s.process and s.process.poll() is None]
+
+    def pids_of(self, engine: str) -> list[int]:
+        """The running workers of one engine (``local``: the model workers)."""
+        return [
+            s.process.pid
+            for s in self._slots
+            if s.spec.engine == engine and s.process and s.process.poll() is None
+        ]
 
     def start(self) -> None:
         for slot in self._slots:

@@ -6,10 +6,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from kontext_server.config import Settings
 
-__all__ = ["DataDirOpt", "FilesOpt", "ModelOpt", "StoreOpt", "configure_logging", "load_settings"]
+__all__ = [
+    "AccelerationOpt",
+    "DataDirOpt",
+    "FilesOpt",
+    "MemoryOpt",
+    "ModelOpt",
+    "StoreOpt",
+    "configure_logging",
+    "load_settings",
+]
 
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Folder for the job DB, files and keys.")
@@ -27,10 +37,35 @@ ModelOpt = Annotated[
     ),
 ]
 
+AccelerationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--acceleration",
+        help="Engine speed preset: none | compile (lossless) | fp8 | cache | fp8-cache"
+        " (default none; env KONTEXT_ACCELERATION).",
+    ),
+]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory",
+        help="Where the weights live: resident | fp8-storage | nf4 | model-offload |"
+        " group-offload, or storage+offload (default resident; env KONTEXT_MEMORY).",
+    ),
+]
+
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment (KONTEXT_*), with the non-None CLI flags on top."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from the environment (KONTEXT_*), with the non-None CLI flags on top. A bad
+    value is a usage error (exit 2) that names the setting and what it allows."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise typer.BadParameter(problems) from exc
 
 
 def configure_logging(settings: Settings) -> None:

@@ -11,8 +11,10 @@ import typer
 
 from kontext_server.cli._app import app
 from kontext_server.cli.common import (
+    AccelerationOpt,
     DataDirOpt,
     FilesOpt,
+    MemoryOpt,
     ModelOpt,
     StoreOpt,
     configure_logging,
@@ -43,6 +45,10 @@ def worker_argv(settings: Settings) -> list[str]:
         settings.model,
         "--data-dir",
         str(settings.data_dir),
+        "--acceleration",
+        settings.acceleration,
+        "--memory",
+        settings.memory,
     ]
     if settings.device:
         argv += ["--device", settings.device]
@@ -65,6 +71,8 @@ def serve(
     files: FilesOpt = None,
     data_dir: DataDirOpt = None,
     device: Annotated[str | None, typer.Option(help="Worker device: cuda, cpu, ...")] = None,
+    acceleration: AccelerationOpt = None,
+    memory: MemoryOpt = None,
     ssl_certfile: Annotated[
         str | None, typer.Option(help="Serve HTTPS with this PEM certificate (chain).")
     ] = None,
@@ -87,6 +95,8 @@ def serve(
         files=files,
         data_dir=data_dir,
         device=device,
+        acceleration=acceleration,
+        memory=memory,
         insecure_no_auth=insecure_no_auth or None,
     )
     configure_logging(settings)
@@ -113,6 +123,7 @@ def run_server(
     from kontext_server.store import open_configured_store
     from kontext_server.supervisor import WorkerSupervisor, visible_gpus, worker_specs
     from kontext_server.webhooks.signing import WebhookSigner
+    from kontext_server.worker_state import WorkerStates
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_configured_store(settings)  # creates the schema before any worker starts
@@ -132,19 +143,28 @@ def run_server(
     specs = worker_specs(count, gpus, worker_argv(settings))
     if count and "bfl" in settings.engines.values():
         # endpoints routed upstream need no GPU: one BFL worker holds many tasks in flight
-        specs += worker_specs(1, [], [*worker_argv(settings), "--engine", "bfl"])
-    supervisor = WorkerSupervisor(
-        specs,
-        on_exit=lambda pid: mark_process_dead(pid, str(metrics_dir)),  # type: ignore[no-untyped-call]
-    )
+        [bfl] = worker_specs(1, [], [*worker_argv(settings), "--engine", "bfl"])
+        bfl.engine = "bfl"
+        specs.append(bfl)
+    states = WorkerStates(settings.data_dir / "workers")
+
+    def worker_ended(pid: int) -> None:
+        mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+        states.remove(pid)
+
+    supervisor = WorkerSupervisor(specs, on_exit=worker_ended)
 
     def stop_workers() -> None:
         supervisor.stop(timeout_s=settings.drain_timeout_s + 15)
 
-    def a_worker_is_alive() -> str | None:
-        if count and not supervisor.pids:
+    def a_worker_is_ready() -> str | None:
+        """Ready once a model worker has loaded (and compiled) its model."""
+        if not count:
+            return None
+        pids = supervisor.pids_of("local")
+        if not pids:
             return f"none of the {count} worker process(es) is running"
-        return None
+        return states.readiness(pids)
 
     api = create_app(
         settings,
@@ -152,7 +172,7 @@ def run_server(
         files,
         signer=signer,
         metrics_dir=metrics_dir,
-        readiness_checks=[a_worker_is_alive],
+        readiness_checks=[a_worker_is_ready],
         shutdown_hooks=[stop_workers],
         freeze_heap=True,
     )

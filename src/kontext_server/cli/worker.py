@@ -9,8 +9,10 @@ import typer
 
 from kontext_server.cli._app import app
 from kontext_server.cli.common import (
+    AccelerationOpt,
     DataDirOpt,
     FilesOpt,
+    MemoryOpt,
     ModelOpt,
     StoreOpt,
     configure_logging,
@@ -26,6 +28,8 @@ def worker(
     model: ModelOpt = None,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto)")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name in leases and logs.")] = None,
+    acceleration: AccelerationOpt = None,
+    memory: MemoryOpt = None,
     engine: Annotated[
         Literal["local", "bfl"],
         typer.Option(
@@ -37,7 +41,13 @@ def worker(
 ) -> None:
     """Claim jobs from the store and run them on this machine's GPU (or CPU), or upstream."""
     settings = load_settings(
-        data_dir=data_dir, store=store, files=files, model=model, device=device
+        data_dir=data_dir,
+        store=store,
+        files=files,
+        model=model,
+        device=device,
+        acceleration=acceleration,
+        memory=memory,
     )
     configure_logging(settings)
     if engine == "bfl":

@@ -15,7 +15,7 @@ import signal
 import socket
 import uuid
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 
@@ -25,8 +25,12 @@ from kontext_server.files import open_file_store
 from kontext_server.metrics import JobMetrics
 from kontext_server.store import open_configured_store
 from kontext_server.worker.runner import JobRunner, RunnerLimits
+from kontext_server.worker_state import WorkerStates
 
-__all__ = ["make_fetcher", "run_until_signalled", "run_worker", "runner_limits"]
+if TYPE_CHECKING:
+    from kontext_server.worker.pipeline import KontextPipeline
+
+__all__ = ["make_fetcher", "run_until_signalled", "run_worker", "runner_limits", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,12 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     metrics.worker_started()
     if settings.metrics_port is not None:  # a remote worker: Prometheus scrapes it directly
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    states = WorkerStates(settings.data_dir / "workers")
+    states.write("loading", f"model {settings.model}")
     store = open_configured_store(settings)
     files = open_file_store(settings.files_url(), settings)
     pipeline = KontextPipeline.from_settings(settings)
+    warm_up(pipeline, settings, states)
     safety = content_safety_from_settings(settings)  # says so in the log when there is none
     runner = JobRunner(
         store,
@@ -75,13 +82,35 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
         metrics=metrics,
         safety=safety,
     )
-    log.info("worker %s ready (model %s)", worker_id, settings.model)
+    log.info(
+        "worker %s ready (model %s, %s)",
+        worker_id,
+        settings.model,
+        pipeline.acceleration.describe(),
+    )
+    states.write("ready", pipeline.acceleration.describe())
     try:
         run_until_signalled(runner, drain_timeout_s=settings.drain_timeout_s)
     finally:
         runner.close()
         store.close()
+        states.remove(os.getpid())
         log.info("worker %s stopped", worker_id)
+
+
+def warm_up(pipeline: KontextPipeline, settings: Settings, states: WorkerStates) -> None:
+    """Compile (a compiling preset) or load the GPU kernels once, before the first claim, so
+    that no request pays for it; the state file says so meanwhile. Skipped with
+    ``KONTEXT_WARMUP=false``, and for an eager engine on the CPU (nothing to warm)."""
+    if not settings.warmup:
+        return
+    if not pipeline.acceleration.compiles and pipeline.device.type == "cpu":
+        return
+    what = "compiling" if pipeline.acceleration.compiles else "warming up"
+    states.write("warming up", f"{what}: {pipeline.acceleration.describe()}")
+    log.info("worker: %s before the first request (%s)", what, pipeline.acceleration.describe())
+    seconds = pipeline.warmup()
+    log.info("worker: warm-up took %.1f s", seconds)
 
 
 def run_until_signalled(runner: JobRunner, *, drain_timeout_s: float) -> None:
