@@ -98,6 +98,13 @@ class JobStore(Protocol):
         attempts + 1, lease)."""
         ...
 
+    def peek_queued(self, limit: int, *, engine: str = "local") -> list[Job]:
+        """Read only: up to ``limit`` queued jobs of ``engine`` that ``claim`` would take
+        next, in claim order (priority, then seq), skipping jobs past their start deadline
+        (``claim`` never starts those). Changes nothing; by the time the caller looks, another
+        worker may have taken them (a worker uses it to fetch inputs ahead of its claim)."""
+        ...
+
     def wait_for_work(self, timeout_s: float, *, engine: str = "local") -> None:
         """Block until a job of ``engine`` may be claimable or ``timeout_s`` passes. A hint
         only (e.g. PostgreSQL LISTEN/NOTIFY); callers still claim, and a backend may simply

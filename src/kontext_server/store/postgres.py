@@ -512,6 +512,20 @@ class PostgresJobStore:
             ).fetchone()
         return None if row is None else _job_from_row(row)
 
+    def peek_queued(self, limit: int, *, engine: str = "local") -> list[Job]:
+        """The next ``limit`` jobs ``claim`` would take, in its order; a plain read (no row
+        locks, so it never delays a claimer, and rows being claimed right now may still be
+        listed). Jobs past their start deadline are left out, as ``claim`` skips them."""
+        if limit <= 0:
+            return []
+        rows = self._fetchall(
+            "SELECT * FROM jobs WHERE status = 'queued' AND engine = %(engine)s"
+            " AND (start_deadline_at IS NULL OR start_deadline_at >= %(now)s)"
+            " ORDER BY priority, seq LIMIT %(limit)s",
+            {"engine": engine, "now": self._clock(), "limit": limit},
+        )
+        return [_job_from_row(row) for row in rows]
+
     def wait_for_work(self, timeout_s: float, *, engine: str = "local") -> None:
         """LISTENs for ``kontext_jobs`` and returns on the first notification, at once if a
         job of ``engine`` is already queued, or after ``timeout_s``. While PostgreSQL is

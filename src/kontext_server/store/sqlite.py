@@ -478,6 +478,24 @@ class SQLiteJobStore:
             self._insert_event(conn, job.id, now, "INFO", f"started (attempt {job.attempts})")
         return job
 
+    def peek_queued(self, limit: int, *, engine: str = "local") -> list[Job]:
+        """The next ``limit`` jobs ``claim`` would take, in its order; a plain read (no write
+        lock, nothing changes). Jobs past their start deadline are left out: ``claim`` fails
+        them instead of starting them."""
+        if limit <= 0 or not self._anything_queued(engine):
+            return []
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM jobs WHERE status = 'queued' AND engine = ?"
+                " AND (start_deadline_at IS NULL OR start_deadline_at >= ?)"
+                " ORDER BY priority, seq LIMIT ?",
+                (engine, self._clock(), limit),
+            )
+            .fetchall()
+        )
+        return [_job_from_row(row) for row in rows]
+
     def _anything_queued(self, engine: str) -> bool:
         row = (
             self._conn()
