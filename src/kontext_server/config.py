@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     max_queue_size: int = 100_000  # all keys together
     job_timeout_s: float = 900.0  # a run longer than this fails and its worker is replaced
     drain_timeout_s: float = 60.0  # SIGTERM: finish the job in hand within this, else hand back
+    prefetch_jobs: int = Field(default=1, ge=0)  # next jobs' inputs fetched during an edit; 0: off
 
     # --- inputs ----------------------------------------------------------------------------
     max_image_bytes: int = 32 * 1024 * 1024

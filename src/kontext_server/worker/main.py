@@ -51,6 +51,7 @@ def runner_limits(settings: Settings) -> RunnerLimits:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         job_timeout_s=settings.job_timeout_s,
+        prefetch_jobs=settings.prefetch_jobs,
     )
 
 

@@ -10,6 +10,14 @@ Two limits end a run early:
   within the drain time, else it is interrupted at its next step and handed back to the queue
   (``JobStore.release``: its place kept, the attempt not counted).
 
+**Input prefetch** (``RunnerLimits.prefetch_jobs``): once the job in hand has its own
+reference images, the runner looks at the next queued job(s) (``JobStore.peek_queued``) and
+fetches and decodes their images on its I/O threads while the edit runs, with the same rules
+and limits. When this worker claims such a job, it takes the images from that small cache
+instead of fetching again; entries of jobs that another worker took, or that were canceled,
+are dropped. A prefetch failure is only logged (debug): the claimed job fetches as usual and
+reports the error. Prompt and input checks run on the claimed job as always.
+
 This module is torch-free: the engine arrives as an ``EditPipeline``, so the loop is tested
 with hand-written fake engines as well as with the real tiny diffusers pipeline.
 """
@@ -17,12 +25,13 @@ with hand-written fake engines as well as with the real tiny diffusers pipeline.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -67,6 +76,7 @@ class RunnerLimits:
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     job_timeout_s: float = 900.0  # a run longer than this fails and the process is replaced
+    prefetch_jobs: int = 1  # queued jobs whose inputs are fetched during the current edit; 0: off
 
 
 class _Lease:
@@ -166,6 +176,7 @@ class JobRunner:
         self._last_edit: EditResult | None = None  # the current job's, for metrics
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="worker-io")
         self._drain = DrainDeadline()
+        self._prefetch = _PrefetchCache(self.limits.prefetch_jobs)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Claim and run jobs until ``stop`` is set (the job in hand is finished) or
@@ -188,6 +199,7 @@ class JobRunner:
         """Claim one job and run it; False when nothing was queued."""
         job = self.store.claim(self.worker_id, self.limits.lease_s)
         if job is None:
+            self._prefetch.clear()  # nothing queued: whatever was fetched ahead is stale
             return False
         if self.draining:  # the drain began while this claim was on its way: give it back
             self.store.release(job.id, self.worker_id, job.attempts)
@@ -207,7 +219,8 @@ class JobRunner:
         return self._drain.active
 
     def close(self) -> None:
-        self._io.shutdown(wait=True)
+        self._prefetch.clear()
+        self._io.shutdown(wait=True, cancel_futures=True)
 
     # --- one job ---------------------------------------------------------------------------
     def run(self, job: Job) -> None:
@@ -306,11 +319,13 @@ class JobRunner:
     def _build_request(self, job: Job, lease: _Lease) -> EditRequest:
         data = job.input
         sources = _image_sources(data)
+        fetched_ahead = self._prefetch.take(job)  # whatever happens next, the entry goes
         if self._should_stop(job, lease):
             raise EditCancelled(job.id)
         self.safety.check_prompt(data["prompt"], level_of(data))
         self.store.add_event(job.id, _loading_message(len(sources)))
-        images = list(self._io.map(self._load_image, sources))
+        images = list(self._io.map(lambda source: self._image_for(source, fetched_ahead), sources))
+        self._start_prefetch()  # this job has its inputs: fetch the next one's meanwhile
         self.safety.check_inputs(images, level_of(data))
         if data.get("enhance_prompt"):
             self.store.add_event(
@@ -351,6 +366,50 @@ class JobRunner:
         if message:
             self.store.add_event(job.id, message)
         return cast("RequestAcceleration", acceleration)
+
+    def _image_for(self, source: str, fetched_ahead: dict[str, Future[Image.Image]]) -> Image.Image:
+        """The image fetched ahead for this job, else (not fetched, failed, not started) a
+        fetch now, which reports its errors as usual."""
+        ahead = fetched_ahead.get(source)
+        if ahead is not None and not ahead.cancel():  # running or done: its result is ours
+            try:
+                image = ahead.result()
+            except Exception:  # logged by the prefetch; this fetch reports the error
+                pass
+            else:
+                log.debug("reference image taken from the prefetch: %.80s", source)
+                return image
+        return self._load_image(source)
+
+    # --- input prefetch ----------------------------------------------------------------------
+    def _start_prefetch(self) -> None:
+        """In the background: fetch the inputs of the job(s) queued next. Never waits."""
+        if self.limits.prefetch_jobs <= 0 or self.draining:
+            return
+        generation = self._prefetch.generation
+        with contextlib.suppress(RuntimeError):  # the runner is closing: nothing to fetch
+            self._io.submit(self._prefetch_next, generation)
+
+    def _prefetch_next(self, generation: int) -> None:
+        if self.draining:
+            return
+        try:  # a hint only: whatever fails here, the claims and fetches go on as usual
+            upcoming = self.store.peek_queued(self.limits.prefetch_jobs)
+            self._prefetch.plan(upcoming, generation, self._submit_prefetch)
+        except Exception as exc:
+            log.debug("input prefetch: %s", exc)
+
+    def _submit_prefetch(self, job_id: str, source: str) -> Future[Image.Image]:
+        return self._io.submit(self._prefetch_image, job_id, source)
+
+    def _prefetch_image(self, job_id: str, source: str) -> Image.Image:
+        if self.draining:
+            raise _PrefetchSkipped("draining")
+        try:
+            return self._load_image(source)
+        except Exception as exc:
+            log.debug("input prefetch of %s failed: %s", job_id, exc)
+            raise
 
     def _load_image(self, source: str) -> Image.Image:
         # This server's own files (uploads, earlier outputs) are read from the file store:
@@ -422,6 +481,76 @@ class JobRunner:
             entry |= {"file_key": key, "url": None}
         entry["file_name"] = name
         return entry
+
+
+class _PrefetchSkipped(Exception):
+    """A prefetch that did not run (drain began); the claimed job fetches for itself."""
+
+
+class _PrefetchCache:
+    """Images of queued jobs, fetched ahead: job id -> {source: future image}, for at most
+    ``max_jobs`` jobs, each with its place in the queue (priority, seq). Thread-safe.
+
+    ``take`` (at claim) hands a job its entries and drops those of jobs ahead of it in the
+    queue (another worker took them, or they were canceled). ``plan`` (after a peek) keeps
+    the entries of jobs still queued next, drops the others and starts the missing fetches,
+    unless this worker claimed since the peek (``generation``): then the list is stale.
+    """
+
+    def __init__(self, max_jobs: int) -> None:
+        self._max_jobs = max(0, max_jobs)
+        self._lock = threading.Lock()
+        self._jobs: dict[str, tuple[tuple[int, int], dict[str, Future[Image.Image]]]] = {}
+        self.generation = 0  # bumped by every take and clear
+
+    def take(self, job: Job) -> dict[str, Future[Image.Image]]:
+        place = (job.priority, job.seq)
+        with self._lock:
+            self.generation += 1
+            _, mine = self._jobs.pop(job.id, ((0, 0), {}))
+            ahead = [job_id for job_id, (at, _) in self._jobs.items() if at < place]
+            stale = [self._jobs.pop(job_id)[1] for job_id in ahead]
+        _cancel(stale)
+        return mine
+
+    def plan(
+        self,
+        upcoming: list[Job],
+        generation: int,
+        start: Callable[[str, str], Future[Image.Image]],
+    ) -> None:
+        with self._lock:
+            if generation != self.generation:
+                return  # this worker claimed since the peek: the list is out of date
+            wanted = upcoming[: self._max_jobs]
+            kept = {job.id: self._jobs.get(job.id, ((0, 0), {}))[1] for job in wanted}
+            stale = [images for job_id, (_, images) in self._jobs.items() if job_id not in kept]
+            for job in wanted:
+                images = kept[job.id]
+                for source in _image_sources(job.input):
+                    if source not in images:
+                        images[source] = start(job.id, source)
+            self._jobs = {job.id: ((job.priority, job.seq), kept[job.id]) for job in wanted}
+        _cancel(stale)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.generation += 1
+            stale = [images for _, images in self._jobs.values()]
+            self._jobs = {}
+        _cancel(stale)
+
+    def job_ids(self) -> list[str]:
+        """The jobs with images fetched (or being fetched) ahead, in queue order."""
+        with self._lock:
+            return list(self._jobs)
+
+
+def _cancel(dropped: list[dict[str, Future[Image.Image]]]) -> None:
+    """Unstarted fetches of dropped entries are cancelled; running ones finish, forgotten."""
+    for images in dropped:
+        for future in images.values():
+            future.cancel()
 
 
 def _image_sources(job_input: dict[str, Any]) -> list[str]:
