@@ -396,3 +396,18 @@ def test_the_setting_reaches_the_runner(tmp_path: Path) -> None:
     assert runner_limits(Settings(data_dir=tmp_path, prefetch_jobs=0)).prefetch_jobs == 0
     with pytest.raises(ValidationError):
         Settings(data_dir=tmp_path, prefetch_jobs=-1)
+
+
+def test_the_prefetch_benchmark_runs_and_measures_a_saving() -> None:
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "benchmarks" / "prefetch.py"
+    spec = importlib.util.spec_from_file_location("prefetch_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(jobs=3, edit_ms=150.0, latency_ms=100.0, size=64)
+    assert len(result["per_job_ms"]["off"]) == len(result["per_job_ms"]["on"]) == 3
+    # off: latency + edit per job; on: the fetch hides behind the previous edit
+    assert result["median_ms_jobs_2_to_n"]["off"] >= 250.0
+    assert result["saving_ms_per_job"] > 50.0
