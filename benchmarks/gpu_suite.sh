@@ -17,7 +17,7 @@
 #   compile             fused QKV, fastest SDPA, regional compile (cold compile cache)
 #   fp8                 compile + torchao float8                                   (CUDA)
 #   cache               compile + step cache
-#   compile-restart     compile again in a new process with compile's cache folder: its
+#   compile-restart     compile again in a new process with compile's cache folder (1 run): its
 #                       first_edit_s is the first edit after a restart with a warm cache
 #   fp8-storage-24gb    none, weights stored in float8, capped at 24 GiB           (CUDA)
 #   group-offload-16gb  none, group offload, capped at 16 GiB                      (CUDA)
@@ -140,7 +140,7 @@ stage none no --acceleration none
 stage compile no --acceleration compile --compile-cache-dir "$COMPILE_CACHE"
 stage fp8 yes --acceleration fp8
 stage cache no --acceleration cache
-stage compile-restart no --acceleration compile --compile-cache-dir "$COMPILE_CACHE"
+stage compile-restart no --acceleration compile --compile-cache-dir "$COMPILE_CACHE" --runs 1
 stage fp8-storage-24gb yes --acceleration none --memory fp8-storage --memory-limit-gb 24
 stage group-offload-16gb yes --acceleration none --memory group-offload --memory-limit-gb 16
 stage model-offload no --acceleration none --memory model-offload
