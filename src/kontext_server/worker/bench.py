@@ -359,6 +359,10 @@ def _cap_memory(device: torch.device, limit_gb: float | None) -> dict[str, Any] 
 
     gc.collect()
     torch.cuda.empty_cache()
+    # The offload hooks report "cuda" without an index; the allocator's cap needs one.
+    device = torch.device(
+        "cuda", torch.cuda.current_device() if device.index is None else device.index
+    )
     total = int(torch.cuda.get_device_properties(device).total_memory)
     limit_bytes = int(limit_gb * _GIB)
     if limit_bytes > total:
