@@ -15,8 +15,12 @@ def test_lever_probe_reports_each_lever(tmp_path: Path) -> None:
     out = tmp_path / "probe.json"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "lever_probe.py"), str(out)]
-        + ["--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "3"],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "lever_probe.py"),
+            str(out),
+            *("--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "3"),
+        ],
         check=True,
         env=env,
         capture_output=True,

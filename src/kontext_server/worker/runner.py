@@ -362,7 +362,15 @@ class JobRunner:
         if acceleration not in ("none", "regular", "high"):
             return None
         note = getattr(self.pipeline, "describe_acceleration", None)
-        message = None if note is None else note(acceleration)
+        if note is not None:
+            message = note(acceleration)
+        elif acceleration != "none":
+            message = (
+                f"acceleration {acceleration!r}: this engine has no acceleration settings; "
+                "the edit runs at full quality"
+            )
+        else:
+            message = None
         if message:
             self.store.add_event(job.id, message)
         return cast("RequestAcceleration", acceleration)
