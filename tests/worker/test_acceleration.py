@@ -268,3 +268,24 @@ def test_warmup_compiles_before_the_first_request(tmp_path: Path) -> None:
     finally:
         engine.close()
     assert result.images[0].width > result.images[0].height
+
+
+def test_nf4_quantizes_the_transformer_and_t5_while_real_weights_load() -> None:
+    from kontext_server.worker.models import _nf4_config
+
+    config = _nf4_config(torch.bfloat16)
+    assert config.quant_backend == "bitsandbytes_4bit"
+    assert config.components_to_quantize == ["transformer", "text_encoder_2"]
+    assert config.quant_kwargs["bnb_4bit_quant_type"] == "nf4"
+    assert config.quant_kwargs["bnb_4bit_compute_dtype"] == torch.bfloat16
+
+
+def test_nf4_of_a_single_file_says_what_to_use(tmp_path: Path) -> None:
+    transformer_file = tmp_path / "flux1-kontext-dev.safetensors"
+    transformer_file.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"CUDA GPU|single file"):
+        KontextPipeline.load(
+            str(transformer_file),
+            device="cpu",
+            acceleration=Acceleration(memory=parse_memory_mode("nf4")),
+        )
