@@ -26,6 +26,7 @@ from kontext_server.http.context import (
     caller,
     site_base,
 )
+from kontext_server.http.ids import REQUEST_ID_CONVERTOR, RequestIdPath
 from kontext_server.http.schemas import ENDPOINTS
 from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
 from kontext_server.http.submission import (
@@ -53,6 +54,7 @@ __all__ = [
     "add_request_routes",
     "add_submit_routes",
     "add_unknown_endpoint_route",
+    "add_unknown_request_route",
     "run_router",
 ]
 
@@ -89,7 +91,7 @@ def add_request_routes(app: FastAPI, prefix: str) -> None:
     """Status, status stream, cancel and result of a request under ``prefix``; their paths
     contain ``/requests/``, so they shadow no other route."""
     routes = _QueueRoutes(prefix)
-    request_path = prefix + "/{endpoint:path}/requests/{request_id}"
+    request_path = prefix + "/{endpoint:path}/requests/{request_id:%s}" % REQUEST_ID_CONVERTOR
     for path, handler, method in (
         (f"{request_path}/status", routes.status, "GET"),
         (f"{request_path}/status/stream", routes.stream, "GET"),
@@ -97,6 +99,25 @@ def add_request_routes(app: FastAPI, prefix: str) -> None:
         (request_path, routes.result, "GET"),
     ):
         app.add_api_route(path, handler, methods=[method], tags=["queue"])
+
+
+def add_unknown_request_route(app: FastAPI, prefix: str) -> None:
+    """``GET``/``PUT {prefix}/.../requests/{anything}``: what the request-id routes did not
+    take (an id that is not one of ours, an empty id segment) is a 404 in the route's own
+    shape, the id neither used nor echoed. Added after the request-id routes of every
+    prefix."""
+    app.add_api_route(
+        prefix + "/{endpoint:path}/requests/{rest:path}",
+        _unknown_request,
+        methods=["GET", "PUT"],
+        include_in_schema=False,
+    )
+
+
+async def _unknown_request(request: Request) -> JSONResponse:
+    if request.method == "PUT":
+        return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+    return JSONResponse(_NOT_FOUND, status_code=404)
 
 
 def add_unknown_endpoint_route(app: FastAPI, prefix: str) -> None:
@@ -151,7 +172,7 @@ class _QueueRoutes:
     async def status(
         self,
         endpoint: str,
-        request_id: str,
+        request_id: RequestIdPath,
         request: Request,
         context: Context,
         principal: Caller,
@@ -171,7 +192,7 @@ class _QueueRoutes:
     async def stream(
         self,
         endpoint: str,
-        request_id: str,
+        request_id: RequestIdPath,
         request: Request,
         context: Context,
         principal: Caller,
@@ -208,7 +229,12 @@ class _QueueRoutes:
         )
 
     def result(
-        self, endpoint: str, request_id: str, request: Request, context: Context, principal: Caller
+        self,
+        endpoint: str,
+        request_id: RequestIdPath,
+        request: Request,
+        context: Context,
+        principal: Caller,
     ) -> JSONResponse:
         """The output, the job's error, or 400 while not finished: PROTOCOL.md §6."""
         job = _find(context, endpoint, request_id, principal.owner)
@@ -220,7 +246,7 @@ class _QueueRoutes:
         return _final_answer(context, request, job)
 
     def cancel(
-        self, endpoint: str, request_id: str, context: Context, principal: Caller
+        self, endpoint: str, request_id: RequestIdPath, context: Context, principal: Caller
     ) -> JSONResponse:
         """Queued: cancelled now; running: within one step: PROTOCOL.md §7."""
         job = _find(context, endpoint, request_id, principal.owner)
@@ -314,11 +340,9 @@ def _not_found(request_id: str) -> JSONResponse:
 
 
 def _echoed_id(request_id: str) -> dict[str, str]:
-    """The caller's request id as a header, unless it cannot be one (found by fuzzing: a
-    non-Latin-1 id in the path must be a 404, not a 500)."""
-    if request_id.isascii() and request_id.isprintable() and len(request_id) <= 200:
-        return {REQUEST_ID_HEADER: request_id}
-    return {}
+    """The caller's request id as a header: the route matched only an id of our own format
+    (``ids.py``), so it is always a legal header value."""
+    return {REQUEST_ID_HEADER: request_id}
 
 
 def _truthy(value: str | None) -> bool:

@@ -46,6 +46,7 @@ __all__ = [
     "RESOLUTION_MODES",
     "SEED_LIMIT",
     "DevInput",
+    "NotBool",
     "FalInput",
     "MaxInput",
     "MaxMultiInput",
@@ -154,6 +155,18 @@ def _safety_level(value: Any) -> Any:
     raise PydanticCustomError("safety_tolerance", f"{_SAFETY_RULE}; got {_shown(value)}")
 
 
+def _not_bool(value: Any) -> Any:
+    """JSON ``true``/``false`` is not a number: pydantic's lax mode would read ``true`` as 1
+    (strings such as ``"3"`` stay accepted, as documented)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "a boolean is not a number")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+Seed = Annotated[int | None, Field(ge=0, lt=SEED_LIMIT), NotBool]
+ImageCount = Annotated[int, Field(ge=1, le=4), NotBool]
+Guidance = Annotated[float, Field(ge=1, le=20, allow_inf_nan=False), NotBool]
 Prompt = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_prompt)]
 Description = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_description)]
 ImageSource = Annotated[str, AfterValidator(_check_image_source)]
@@ -228,10 +241,10 @@ class MaxInput(FalInput):
 
     prompt: Prompt
     image_url: ImageSource
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    seed: Seed = None
+    guidance_scale: Guidance = 3.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
     aspect_ratio: Annotated[str | None, AfterValidator(_check_aspect_ratio)] = None
@@ -247,10 +260,10 @@ class MaxMultiInput(FalInput):
 
     prompt: Prompt
     image_urls: Annotated[list[ImageSource], Field(min_length=1, max_length=MAX_IMAGE_URLS)]
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    seed: Seed = None
+    guidance_scale: Guidance = 3.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
     aspect_ratio: ListedAspectRatio | None = None
@@ -269,10 +282,10 @@ class TextToImageInput(FalInput):
     _body_rule: ClassVar[str] = "the request body must be a JSON object with at least prompt"
 
     prompt: Description
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    seed: Seed = None
+    guidance_scale: Guidance = 3.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
     aspect_ratio: Annotated[ListedAspectRatio, BeforeValidator(_default_square)] = "1:1"
@@ -301,11 +314,11 @@ class DevInput(FalInput):
 
     prompt: Prompt
     image_url: ImageSource
-    num_inference_steps: Annotated[int, Field(ge=1, le=DEV_MAX_STEPS)] = 28
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 2.5
+    num_inference_steps: Annotated[int, Field(ge=1, le=DEV_MAX_STEPS), NotBool] = 28
+    seed: Seed = None
+    guidance_scale: Guidance = 2.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     enable_safety_checker: bool = True
     output_format: Literal["jpeg", "png"] = "jpeg"
     enhance_prompt: bool = False

@@ -6,7 +6,6 @@ say what is allowed; nothing here touches the network.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pydantic import ValidationError
 
 from kontext_server.errors import ImageFetchError
 from kontext_server.fetch import SafeFetcher
+from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.http.schemas import ENDPOINTS, FalInput
 from kontext_server.jobs import PRIORITY_LOW, PRIORITY_NORMAL
 
@@ -95,15 +95,13 @@ def _too_large(max_body_bytes: int) -> HTTPException:
 
 def _parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        position = exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        return parse_json(body)
+    except JSONLimitError as exc:
         raise _invalid(
-            ("body", position),
+            ("body", exc.position or 0),
             "json_invalid",
-            f"the request body is not valid JSON ({reason} at position {position}); send a "
-            'JSON object such as {"prompt": "...", "image_url": "https://..."}',
+            f"the request body is not valid JSON ({exc}); send {json_rules()}, an object "
+            'such as {"prompt": "...", "image_url": "https://..."}',
         ) from None
 
 
@@ -181,8 +179,8 @@ def _retention_s(value: str | None) -> float | None:
 
 def _expiration_duration_s(value: str) -> float | None:
     try:
-        preference = json.loads(value)
-    except json.JSONDecodeError:
+        preference = parse_json(value)
+    except JSONLimitError:
         return None
     raw = preference.get("expiration_duration_seconds") if isinstance(preference, dict) else None
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
