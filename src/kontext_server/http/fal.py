@@ -31,6 +31,7 @@ from kontext_server.http.schemas import ENDPOINTS
 from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
 from kontext_server.http.submission import (
     input_model,
+    own_files_check,
     precheck_urls,
     read_input,
     submit_options,
@@ -284,8 +285,9 @@ async def _submit(
     options = submit_options(request)
     webhook = webhook_url(request)
     if context.url_checker is not None:
-        own_files_url = f"{site_base(request)}/files/"
-        precheck_urls(job_input, webhook, context.url_checker, own_files_url=own_files_url)
+        precheck_urls(
+            job_input, webhook, context.url_checker, is_own_file=own_files_check(request)
+        )
     # The submits that reach the loop together commit together (group commit), on the loop
     # for SQLite (a thread hop per submit cost a third of the throughput), off it for
     # PostgreSQL (a round trip would stall every other request); see docs/performance.md.
