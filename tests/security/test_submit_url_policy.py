@@ -100,7 +100,9 @@ def test_a_host_header_does_not_make_an_address_our_own(
     came in on (here 127.0.0.1:8000), so a forged Host does not open an address."""
     forged_host = url.split("/")[2]
     with TestClient(make_app(), base_url="http://127.0.0.1:8000", client=LOOPBACK) as client:
-        response = client.post(f"/{MAX}", json=edit_body(image_url=url), headers={"host": forged_host})
+        response = client.post(
+            f"/{MAX}", json=edit_body(image_url=url), headers={"host": forged_host}
+        )
     assert response.status_code == 422, response.text
     assert "is not allowed" in response.json()["detail"][0]["msg"]
     assert store.queue_depth() == 0

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from kontext_server.http.compat import fresh_job
 from kontext_server.http.context import (
     ApiContext,
     Caller,
@@ -92,7 +93,7 @@ def add_request_routes(app: FastAPI, prefix: str) -> None:
     """Status, status stream, cancel and result of a request under ``prefix``; their paths
     contain ``/requests/``, so they shadow no other route."""
     routes = _QueueRoutes(prefix)
-    request_path = prefix + "/{endpoint:path}/requests/{request_id:%s}" % REQUEST_ID_CONVERTOR
+    request_path = f"{prefix}/{{endpoint:path}}/requests/{{request_id:{REQUEST_ID_CONVERTOR}}}"
     for path, handler, method in (
         (f"{request_path}/status", routes.status, "GET"),
         (f"{request_path}/status/stream", routes.stream, "GET"),
@@ -267,8 +268,7 @@ async def run(endpoint: str, request: Request, context: Context, principal: Call
         if await request.is_disconnected():
             await run_in_threadpool(context.service.cancel, job.id, principal.owner)
             return JSONResponse({"detail": "Client disconnected"}, status_code=499)
-        fresh: Job | None = await run_in_threadpool(context.service.store.get, job.id)
-        job = fresh or job
+        job = await fresh_job(context.service.store.get, job)  # waits through outages
     return _final_answer(context, request, job)
 
 
@@ -285,9 +285,7 @@ async def _submit(
     options = submit_options(request)
     webhook = webhook_url(request)
     if context.url_checker is not None:
-        precheck_urls(
-            job_input, webhook, context.url_checker, is_own_file=own_files_check(request)
-        )
+        precheck_urls(job_input, webhook, context.url_checker, is_own_file=own_files_check(request))
     # The submits that reach the loop together commit together (group commit), on the loop
     # for SQLite (a thread hop per submit cost a third of the throughput), off it for
     # PostgreSQL (a round trip would stall every other request); see docs/performance.md.

@@ -46,10 +46,10 @@ __all__ = [
     "RESOLUTION_MODES",
     "SEED_LIMIT",
     "DevInput",
-    "NotBool",
     "FalInput",
     "MaxInput",
     "MaxMultiInput",
+    "NotBool",
     "TextToImageInput",
 ]
 

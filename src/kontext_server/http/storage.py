@@ -186,7 +186,9 @@ async def _read_initiate(request: Request) -> InitiateUpload:
             f"the request body is not valid JSON ({exc}); send {json_rules()}, an object "
             'such as {"content_type": "image/png", "file_name": "cat.png"}'
         )
-        errors = [{"loc": ("body", exc.position or 0), "msg": message, "type": "json_invalid"}]
+        errors: list[dict[str, Any]] = [
+            {"loc": ("body", exc.position or 0), "msg": message, "type": "json_invalid"}
+        ]
     except ValidationError as exc:
         errors = [
             {**error, "loc": ("body", *error["loc"])}
