@@ -12,7 +12,9 @@ recursion to exhaust. On top of it, ``parse_json`` enforces this server's own li
 * numbers: integers of at most ``MAX_INT_DIGITS`` digits, other numbers finite (``1e400``
   is refused, not read as infinity);
 * values: at most ``MAX_VALUES`` in one document (every object, array, string, number,
-  boolean and null counts once).
+  boolean and null counts once);
+* strings: no NUL character (``\\u0000``): PostgreSQL cannot store it in text or ``jsonb``,
+  and no field of ours has a use for it.
 
 The body size is bounded by the caller (each route has its own cap) before this is called.
 Duplicate keys in an object: the last one wins (RFC 8259 leaves it open; the standard
@@ -56,7 +58,7 @@ def json_rules() -> str:
     """The limits in words, for error messages."""
     return (
         f"JSON nested at most {MAX_DEPTH} deep, with integers of at most {MAX_INT_DIGITS} "
-        f"digits, finite numbers and at most {MAX_VALUES:,} values"
+        f"digits, finite numbers, strings without NUL and at most {MAX_VALUES:,} values"
     )
 
 
@@ -101,6 +103,8 @@ def _check(value: Any) -> None:
         if count > MAX_VALUES:
             raise JSONLimitError(f"the JSON document has more than {MAX_VALUES:,} values")
         if isinstance(item, dict):
+            if any("\x00" in key for key in item):
+                raise JSONLimitError("the JSON document has a key with a NUL character (\\u0000)")
             children: Any = item.values()
         elif isinstance(item, list):
             children = item
@@ -113,6 +117,10 @@ def _check(value: Any) -> None:
 
 
 def _check_scalar(item: Any) -> None:
+    if isinstance(item, str):
+        if "\x00" in item:
+            raise JSONLimitError("the JSON document has a string with a NUL character (\\u0000)")
+        return
     if isinstance(item, bool):
         return
     if isinstance(item, int) and not -_MAX_INT < item < _MAX_INT:

@@ -109,13 +109,23 @@ def _shown(value: Any) -> str:
 def _check_prompt(prompt: str) -> str:
     if not prompt.strip():
         raise PydanticCustomError("prompt", "prompt must not be empty: say what to edit")
-    return prompt
+    return _without_nul(prompt)
 
 
 def _check_description(prompt: str) -> str:
     if not prompt.strip():
         raise PydanticCustomError(
             "prompt", "prompt must not be empty: describe the image to generate"
+        )
+    return _without_nul(prompt)
+
+
+def _without_nul(prompt: str) -> str:
+    """JSON bodies are refused with NUL anywhere (``json_limits``); this covers prompts that
+    come another way (OpenAI's multipart form). PostgreSQL cannot store NUL."""
+    if "\x00" in prompt:
+        raise PydanticCustomError(
+            "prompt", "prompt must not contain the NUL character (\\u0000)"
         )
     return prompt
 

@@ -206,6 +206,7 @@ def webhook_url(request: Request) -> str | None:
         parts.scheme not in ("http", "https")
         or not parts.hostname
         or len(url) > _MAX_WEBHOOK_URL_CHARS
+        or not url.isprintable()  # control characters (NUL cannot even be stored)
     ):
         raise _invalid(
             ("query", "fal_webhook"),
