@@ -28,7 +28,7 @@ from kontext_server.http.context import (
     site_base,
 )
 from kontext_server.http.ids import REQUEST_ID_CONVERTOR, RequestIdPath
-from kontext_server.http.schemas import ENDPOINTS
+from kontext_server.http.schemas import ENDPOINTS, json_body_schema
 from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
 from kontext_server.http.submission import (
     input_model,
@@ -79,13 +79,14 @@ def add_submit_routes(app: FastAPI, prefix: str) -> None:
     each in turn, and an included router costs ~4 µs to pass and more to enter.
     ``add_unknown_endpoint_route`` (added last) answers the other ``POST`` paths."""
     routes = _QueueRoutes(prefix)
-    for endpoint in ENDPOINTS:
+    for endpoint, model in ENDPOINTS.items():
         app.add_api_route(
             f"{prefix}/{endpoint}",
             routes.submit_to(endpoint),
             methods=["POST"],
             name=f"submit {endpoint}",
             tags=["queue"],
+            openapi_extra=json_body_schema(model),
         )
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "MaxMultiInput",
     "NotBool",
     "TextToImageInput",
+    "json_body_schema",
 ]
 
 PROMPT_MAX_CHARS = 4000  # T5 reads at most 512 tokens; this only bounds what we store
@@ -124,9 +125,7 @@ def _without_nul(prompt: str) -> str:
     """JSON bodies are refused with NUL anywhere (``json_limits``); this covers prompts that
     come another way (OpenAI's multipart form). PostgreSQL cannot store NUL."""
     if "\x00" in prompt:
-        raise PydanticCustomError(
-            "prompt", "prompt must not contain the NUL character (\\u0000)"
-        )
+        raise PydanticCustomError("prompt", "prompt must not contain the NUL character (\\u0000)")
     return prompt
 
 
@@ -179,7 +178,10 @@ ImageCount = Annotated[int, Field(ge=1, le=4), NotBool]
 Guidance = Annotated[float, Field(ge=1, le=20, allow_inf_nan=False), NotBool]
 Prompt = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_prompt)]
 Description = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_description)]
-ImageSource = Annotated[str, AfterValidator(_check_image_source)]
+# "format: uri" tells OpenAPI readers (and the schema fuzzers) what kind of string it is.
+ImageSource = Annotated[
+    str, AfterValidator(_check_image_source), Field(json_schema_extra={"format": "uri"})
+]
 SafetyTolerance = Annotated[Literal["1", "2", "3", "4", "5", "6"], BeforeValidator(_safety_level)]
 
 
@@ -356,3 +358,10 @@ ENDPOINTS: dict[str, type[FalInput]] = {
     "fal-ai/flux-pro/kontext/text-to-image": TextToImageInput,
     "fal-ai/flux-kontext/dev": DevInput,
 }
+
+
+def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its JSON itself (within the limits of
+    ``json_limits``) instead of declaring a body parameter."""
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}

@@ -29,6 +29,7 @@ from kontext_server.auth import AuthError, Principal, key_from_authorization
 from kontext_server.http.compat import BodyTooLargeError, read_capped_body
 from kontext_server.http.context import ApiContext, Caller, Context, site_base
 from kontext_server.http.ids import is_upload_ticket
+from kontext_server.http.schemas import json_body_schema
 from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.uploads import (
     UploadCleanupLoop,
@@ -67,7 +68,7 @@ def storage_router(context: ApiContext) -> APIRouter:
         f"{REST_PREFIX}/storage/upload/initiate",
         routes.initiate,
         methods=["POST"],
-        openapi_extra=_json_body_schema(InitiateUpload),
+        openapi_extra=json_body_schema(InitiateUpload),
     )
     router.add_api_route(
         f"{REST_PREFIX}/storage/upload/initiate-multipart", routes.no_multipart, methods=["POST"]
@@ -159,17 +160,6 @@ class _StorageRoutes:
                 "file_size": stored.size,
             }
         )
-
-
-def _json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads its JSON itself (``_read_initiate``)."""
-    schema = model.model_json_schema()
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": schema}},
-        }
-    }
 
 
 async def _read_initiate(request: Request) -> InitiateUpload:
