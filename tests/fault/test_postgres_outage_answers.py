@@ -9,6 +9,7 @@ one with a JSON body, and every acknowledged request completes once the store is
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -121,6 +122,26 @@ def fal_client_polls(handle: Any, run: FalClientRun) -> None:
         run.failure = exc
 
 
+@dataclass
+class StreamRun:
+    """One status stream (SSE) held open through the outage."""
+
+    events: list[str] = field(default_factory=list)
+    failure: BaseException | None = None
+
+
+def follow_stream(base: str, request_id: str, run: StreamRun) -> None:
+    url = f"{base}/fal-ai/flux-pro/requests/{request_id}/status/stream"
+    try:
+        with httpx.stream("GET", url, timeout=60.0) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    run.events.append(json.loads(line.removeprefix("data: "))["status"])
+    except BaseException as exc:
+        run.failure = exc
+
+
 def test_a_postgresql_outage_under_polling_load_answers_503_and_loses_nothing(
     pg_cluster: PgCluster,
     pg_backend: Backend,
@@ -148,6 +169,9 @@ def test_a_postgresql_outage_under_polling_load_answers_503_and_loses_nothing(
         ids = [a.json()["request_id"] for a in before]
         handle = client.submit(ENDPOINT, arguments=arguments)
         ids.append(handle.request_id)
+        # low priority: it waits behind every other request, so its stream spans the outage
+        streamed = http.post(f"/{ENDPOINT}", json=body, headers={"x-fal-queue-priority": "low"})
+        ids.append(streamed.json()["request_id"])
         assert http.get("/readyz").status_code == 200
 
         stop = threading.Event()
@@ -157,7 +181,11 @@ def test_a_postgresql_outage_under_polling_load_answers_503_and_loses_nothing(
         ]
         fal_run = FalClientRun()
         fal_thread = threading.Thread(target=fal_client_polls, args=(handle, fal_run))
-        for thread in [*pollers, fal_thread]:
+        stream_run = StreamRun()
+        stream_thread = threading.Thread(
+            target=follow_stream, args=(api.base_url, ids[-1], stream_run)
+        )
+        for thread in [*pollers, fal_thread, stream_thread]:
             thread.start()
         try:
             time.sleep(1.0)  # load before the outage
@@ -180,6 +208,7 @@ def test_a_postgresql_outage_under_polling_load_answers_503_and_loses_nothing(
             for thread in pollers:
                 thread.join(30)
         fal_thread.join(100)
+        stream_thread.join(60)
 
     acknowledged = [*ids, *seen.acknowledged]
     codes = Counter((what, status) for what, status, _, _ in seen.answers)
@@ -188,7 +217,7 @@ def test_a_postgresql_outage_under_polling_load_answers_503_and_loses_nothing(
         f"answers: {dict(codes)}; {during} during the first {OUTAGE_S} s of the outage; "
         f"slowest 503: {max((a[2] for a in unavailable), default=0):.3f} s; "
         f"fal-client: {dict(fal_run.statuses)}, {len(fal_run.errors)} 503s; "
-        f"back after {back_at - down_at:.1f} s"
+        f"stream events: {stream_run.events}; back after {back_at - down_at:.1f} s"
     )
     with opened(pg_backend) as store:
 
@@ -215,3 +244,6 @@ def test_a_postgresql_outage_under_polling_load_answers_503_and_loses_nothing(
     assert fal_run.failure is None, fal_run.failure
     assert fal_run.result is not None and fal_run.result["images"], fal_run
     assert all(code == 503 and "detail" in body for code, body in fal_run.errors), fal_run.errors
+    # A status stream opened before the outage stayed open through it and ended COMPLETED.
+    assert stream_run.failure is None, stream_run.failure
+    assert stream_run.events and stream_run.events[-1] == "COMPLETED", stream_run.events
