@@ -7,9 +7,9 @@ The same tables, state machine and fencing as ``SQLiteJobStore``; PostgreSQL spe
   leaves this module) and marks the pool suspect; while it is, calls probe the server with
   one plain connection (one probe at a time, ``PROBE_TIMEOUT_S`` at most, and after a failed
   one none for as long as it took; the other calls fail at once) and, once the server
-  answers, replace the pool. So an outage is
-  answered promptly, and the first call after PostgreSQL is back works, instead of waiting
-  out the pool's reconnection backoff (1 s, 2 s, 4 s, ...).
+  answers, replace the pool. So an outage is answered promptly, and the first call after
+  PostgreSQL is back works, instead of waiting out the pool's reconnection backoff (1 s,
+  2 s, 4 s, ...).
 * Most operations are one statement (data-modifying CTEs): a move to a final status sets
   ``expires_at``, appends the closing event and the outbox row in the statement that moves
   it, so each is atomic without an explicit transaction and costs one round trip.
@@ -35,7 +35,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from kontext_server.errors import StoreError, StoreUnavailableError
 from kontext_server.jobs import (
@@ -79,6 +79,7 @@ Connection = psycopg.Connection[DictRow]
 
 CONNECT_TIMEOUT_S = 5
 PROBE_TIMEOUT_S = 2  # connecting to see whether the server is back (libpq's smallest timeout)
+_ACQUIRE_SLICE_S = 0.1  # waiting for a pooled connection: how often to look for an outage
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
 _AHEAD_OF_INSERTED = (
     "(SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
@@ -288,11 +289,7 @@ class PostgresJobStore:
         that is down answers at once (no waiting out the pool's own reconnection)."""
         for attempt in (1, 2):
             pool = self._healthy_pool()
-            try:
-                conn = pool.getconn()
-            except psycopg.OperationalError as exc:  # PoolTimeout included
-                self._mark_suspect(exc)
-                raise self._unavailable(exc) from exc
+            conn = self._getconn(pool)
             try:
                 ConnectionPool.check_connection(conn)
             except psycopg.Error as exc:
@@ -303,6 +300,26 @@ class PostgresJobStore:
                 continue
             return pool, conn
         raise AssertionError("unreachable")
+
+    def _getconn(self, pool: ConnectionPool[Connection]) -> Connection:
+        """A connection of ``pool`` within ``acquire_timeout_s``, asked for in short slices:
+        a call waiting for one (the pool busy, or refilling itself after the server went
+        away) gives up as soon as another call has found the server unreachable, instead of
+        waiting out the whole timeout."""
+        deadline = time.monotonic() + self._acquire_timeout_s
+        while True:
+            slice_s = min(_ACQUIRE_SLICE_S, max(0.0, deadline - time.monotonic()))
+            try:
+                return pool.getconn(timeout=slice_s)
+            except PoolTimeout as exc:
+                if self._pool_suspect:
+                    raise self._unavailable(self._last_failure) from exc
+                if time.monotonic() >= deadline:
+                    self._mark_suspect(exc)
+                    raise self._unavailable(exc) from exc
+            except psycopg.OperationalError as exc:
+                self._mark_suspect(exc)
+                raise self._unavailable(exc) from exc
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
