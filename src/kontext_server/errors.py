@@ -9,6 +9,7 @@
     │   └── ImageDecodeError         bytes are not an allowed, sane image (format, bomb, corrupt)
     ├── EditCancelled                the edit was cancelled between two denoising steps
     └── StoreError                   a job-store invariant was violated (programmer error)
+        └── StoreUnavailableError    the job store cannot be reached now (HTTP 503; retry)
 
 Failures of a *job* are data (``Job.error`` / ``Job.error_type``); these exceptions are for
 control flow at the boundaries. Third-party exceptions are mapped to these where they cross
@@ -26,6 +27,7 @@ __all__ = [
     "KontextError",
     "ModelLoadError",
     "StoreError",
+    "StoreUnavailableError",
 ]
 
 
@@ -65,3 +67,9 @@ class EditCancelled(KontextError):
 
 class StoreError(KontextError):
     """A job-store invariant was violated."""
+
+
+class StoreUnavailableError(StoreError):
+    """The job store cannot be reached (its server is down, restarting or unreachable).
+    Nothing was written by the call that raised it; the same call may work once the store
+    is back. The API answers 503 with ``Retry-After``."""

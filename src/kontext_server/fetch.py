@@ -51,6 +51,7 @@ __all__ = [
     "URLNotAllowedError",
     "check_image_source",
     "decode_data_uri",
+    "literal_addresses",
     "load_image_bytes",
     "parsed_url",
     "system_resolver",
@@ -222,13 +223,17 @@ def parsed_url(url: str) -> httpx.URL:
     return httpx.URL(url)
 
 
-def _literal_addresses(host: str, port: int) -> list[str] | None:
+def literal_addresses(host: str, port: int) -> list[str] | None:
     """The addresses of a host that needs no DNS (an address literal in any spelling the
     system accepts, or ``localhost``); ``None`` for a name that must be resolved."""
     if host.lower().rstrip(".") == "localhost" or host.lower().endswith(".localhost"):
         return ["127.0.0.1", "::1"]
     if ":" not in host and _NOT_IN_IPV4_SPELLINGS.search(host):
         return None  # a name (e.g. "v3.fal.media"): no need to ask getaddrinfo
+    if ":" in host:
+        # An IPv6 literal with a zone id ("[fe80::1%25lo]"): the address before the zone is
+        # what gets checked (getaddrinfo refuses a zone naming no interface of this machine).
+        host = host.split("%", 1)[0]
     try:
         infos = socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
@@ -546,7 +551,7 @@ class SafeFetcher:
                 )
             host = hop.raw_host.decode("ascii")
             port = hop.port or _DEFAULT_PORTS[hop.scheme]
-            addresses = _literal_addresses(host, port)
+            addresses = literal_addresses(host, port)
             host_allowed = self._allowed.has_host(host) or (
                 addresses is not None and self._check_addresses(hop.host, addresses)
             )

@@ -64,6 +64,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _UnusedTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def configure_logging(level: str, fmt: Literal["text", "json"] = "text") -> None:
     """Root logging for a kontext-server process (the API or a worker)."""
     handler = logging.StreamHandler()
@@ -72,6 +77,10 @@ def configure_logging(level: str, fmt: Literal["text", "json"] = "text") -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # transformers announces, once per image-processor class, that torchvision (which this
+    # server does not use) is missing and it falls back to the PIL processor it would use
+    # anyway; the line would only alarm an operator.
+    logging.getLogger("transformers.utils.import_utils").addFilter(_UnusedTorchvisionNotice())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         # uvicorn's own loggers go through the same handler (and so carry request ids)
         logging.getLogger(name).handlers[:] = []

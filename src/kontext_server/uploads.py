@@ -49,6 +49,7 @@ from kontext_server.auth import AuthError
 from kontext_server.config import Settings
 from kontext_server.errors import ImageFetchError, InputError
 from kontext_server.files.base import FileStore, StoredFile, content_type_for_key
+from kontext_server.json_limits import JSONLimitError, parse_json
 from kontext_server.periodic import PeriodicTask
 
 __all__ = [
@@ -217,9 +218,12 @@ def lifecycle_ttl_s(header_values: list[str | None], retention_s: float) -> floa
         if not value:
             continue
         try:
-            seconds = json.loads(value).get("expiration_duration_seconds")
-        except (ValueError, AttributeError):
+            preference = parse_json(value)
+        except JSONLimitError:
             continue
+        if not isinstance(preference, dict):
+            continue
+        seconds = preference.get("expiration_duration_seconds")
         if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
             return min(float(seconds), retention_s)
     return retention_s

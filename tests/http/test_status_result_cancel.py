@@ -246,8 +246,19 @@ def test_cancel_of_finished_job_is_a_400(client: TestClient, worker: PlayedWorke
 
 
 def test_cancel_of_unknown_job_is_a_404(client: TestClient) -> None:
+    unknown = "0190b1f2-7c3a-7d4e-8f60-123456789abc"
+    response = client.put(f"/fal-ai/flux-pro/requests/{unknown}/cancel")
+
+    assert response.status_code == 404
+    assert response.json() == {"status": "NOT_FOUND"}
+    assert response.headers["x-fal-request-id"] == unknown
+
+
+def test_cancel_of_an_id_not_of_our_format_is_a_404_that_does_not_echo_it(
+    client: TestClient,
+) -> None:
     response = client.put("/fal-ai/flux-pro/requests/nope/cancel")
 
     assert response.status_code == 404
     assert response.json() == {"status": "NOT_FOUND"}
-    assert response.headers["x-fal-request-id"] == "nope"
+    assert "x-fal-request-id" not in response.headers

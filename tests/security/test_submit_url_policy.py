@@ -24,6 +24,8 @@ FORBIDDEN = [
     "http://100.64.0.1/x.png",
     "http://[64:ff9b::a00:1]/x.png",
     "http://example.com:22/x.png",
+    "http://[fe80::1%25lo]/x.png",  # link-local with a zone id
+    "http://[fe80::1%25no-such-interface]/x.png",
 ]
 
 
@@ -74,6 +76,36 @@ def test_this_servers_own_files_pass_at_submit(make_app: AppFactory) -> None:
         own = "http://127.0.0.1:8000/files/uploads/2026112800/abc/cat.png"
         response = client.post(f"/{MAX}", json=edit_body(image_url=own))
     assert response.status_code == 200
+
+
+def test_this_servers_own_files_by_localhost_pass_at_submit(make_app: AppFactory) -> None:
+    with TestClient(make_app(), base_url="http://127.0.0.1:8000", client=LOOPBACK) as client:
+        own = "http://localhost:8000/files/uploads/2026112800/abc/cat.png"
+        response = client.post(f"/{MAX}", json=edit_body(image_url=own))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/files/uploads/2026112800/abc/cat.png",
+        "http://10.0.0.5:8000/files/x/1-0.png",
+        "http://127.0.0.1:9999/files/x/1-0.png",  # our address, another port
+    ],
+)
+def test_a_host_header_does_not_make_an_address_our_own(
+    make_app: AppFactory, store: SQLiteJobStore, url: str
+) -> None:
+    """The client names the Host; the own-files exemption follows the socket the request
+    came in on (here 127.0.0.1:8000), so a forged Host does not open an address."""
+    forged_host = url.split("/")[2]
+    with TestClient(make_app(), base_url="http://127.0.0.1:8000", client=LOOPBACK) as client:
+        response = client.post(
+            f"/{MAX}", json=edit_body(image_url=url), headers={"host": forged_host}
+        )
+    assert response.status_code == 422, response.text
+    assert "is not allowed" in response.json()["detail"][0]["msg"]
+    assert store.queue_depth() == 0
 
 
 def test_an_allow_listed_private_host_passes(make_app: AppFactory) -> None:

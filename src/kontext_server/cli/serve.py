@@ -178,7 +178,14 @@ def run_server(
     )
     supervisor.start()
     scheme = "https" if ssl_certfile else "http"
-    log.info("serving on %s://%s:%d with %d worker(s)", scheme, settings.host, settings.port, count)
+    log.info(
+        "serving on %s://%s:%d with %d worker(s); requests queue until a worker has loaded "
+        "the model and logged 'worker ... ready'",
+        scheme,
+        settings.host,
+        settings.port,
+        count,
+    )
     try:
         uvicorn.run(
             api,

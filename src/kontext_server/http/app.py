@@ -37,6 +37,7 @@ from kontext_server.http.fal import (
     add_request_routes,
     add_submit_routes,
     add_unknown_endpoint_route,
+    add_unknown_request_route,
     run_router,
 )
 from kontext_server.http.files import files_router
@@ -180,6 +181,8 @@ def _install_routes(app: FastAPI, ops: APIRouter) -> None:
         add_submit_routes(app, prefix)
     for prefix in QUEUE_PREFIXES:
         add_request_routes(app, prefix)
+    for prefix in QUEUE_PREFIXES:
+        add_unknown_request_route(app, prefix)
     app.include_router(ops)
     app.include_router(files_router())
     app.include_router(wellknown_router())

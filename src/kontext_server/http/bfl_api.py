@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -42,8 +41,10 @@ from kontext_server.http.compat import (
     validate_fal_input,
 )
 from kontext_server.http.context import ApiContext, Context, site_base
-from kontext_server.http.schemas import SEED_LIMIT, FalInput
+from kontext_server.http.ids import is_request_id
+from kontext_server.http.schemas import SEED_LIMIT, FalInput, NotBool
 from kontext_server.jobs import Job
+from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.webhooks import bfl
 
 __all__ = ["BFL_PREFIX", "IMAGE_FIELDS", "BflKontextRequest", "bfl_router", "to_fal_input"]
@@ -99,11 +100,11 @@ class BflKontextRequest(FalInput):
     input_image_2: str | None = None
     input_image_3: str | None = None
     input_image_4: str | None = None
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
+    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT), NotBool] = None
     aspect_ratio: str | None = None
     output_format: Literal["jpeg", "png"] = "png"
     prompt_upsampling: bool = False
-    safety_tolerance: Annotated[int, Field(ge=0, le=6)] = 2
+    safety_tolerance: Annotated[int, Field(ge=0, le=6), NotBool] = 2
     webhook_url: Annotated[
         str | None,
         Field(max_length=_MAX_WEBHOOK_URL_CHARS),
@@ -149,9 +150,10 @@ async def submit(request: Request, context: Context, x_key: XKey = None) -> JSON
 def get_result(id: str, request: Request, context: Context, x_key: XKey = None) -> JSONResponse:
     """BFL's poll answer for job ``id``."""
     principal = authenticate(context, request, x_key)
-    job = context.service.get(id, principal.owner)
-    if job is None:
-        body = {"id": id, "status": bfl.TASK_NOT_FOUND, "result": None, "progress": None}
+    job = context.service.get(id, principal.owner) if is_request_id(id) else None
+    if job is None:  # an id not of our format is not echoed
+        shown = id if is_request_id(id) else None
+        body = {"id": shown, "status": bfl.TASK_NOT_FOUND, "result": None, "progress": None}
         return JSONResponse(body, status_code=404)
     return JSONResponse(_result_body(context, request, job))
 
@@ -193,10 +195,11 @@ async def _read_request(request: Request, context: ApiContext) -> BflKontextRequ
             413, f"{exc}; send large images as http(s) URLs instead of base64"
         ) from None
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = parse_json(raw)
+    except JSONLimitError as exc:
         message = (
-            "the request body is not valid JSON; send a JSON object with prompt and input_image"
+            f"the request body is not valid JSON ({exc}); send {json_rules()}, an object with "
+            "prompt and input_image"
         )
         raise _invalid([FieldError((), message, "json_invalid")]) from None
     try:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from kontext_server.auth import Principal
+from kontext_server.errors import StoreUnavailableError
 from kontext_server.http.context import ApiContext
 from kontext_server.http.schemas import ENDPOINTS
 from kontext_server.jobs import Job
@@ -30,6 +31,7 @@ __all__ = [
     "BodyTooLargeError",
     "FieldError",
     "authenticate",
+    "fresh_job",
     "image_data_uri",
     "read_capped_body",
     "sniff_image_type",
@@ -126,8 +128,8 @@ def validate_fal_input(
 async def wait_until_final(
     context: ApiContext, request: Request, job: Job, owner: str | None
 ) -> Job | None:
-    """Poll the store until ``job`` is final (like ``POST /run/``). A client that hangs up
-    cancels its request; then ``None``."""
+    """Poll the store until ``job`` is final (like ``POST /run/``), through store outages. A
+    client that hangs up cancels its request; then ``None``."""
     read: Callable[[str], Job | None] = context.service.store.get
     while not job.status.is_final:
         await anyio.sleep(context.poll_interval_s)
@@ -135,6 +137,15 @@ async def wait_until_final(
             cancel = functools.partial(context.service.cancel, job.id, owner)
             await run_in_threadpool(cancel)
             return None
-        fresh = await run_in_threadpool(read, job.id)
-        job = fresh or job
+        job = await fresh_job(read, job)
     return job
+
+
+async def fresh_job(read: Callable[[str], Job | None], job: Job) -> Job:
+    """``job`` read again (in the thread pool); as it was while the store is unavailable, so
+    that a caller waiting for the end waits through an outage instead of failing."""
+    try:
+        fresh = await run_in_threadpool(read, job.id)
+    except StoreUnavailableError:
+        return job
+    return fresh or job

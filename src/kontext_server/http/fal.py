@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from kontext_server.http.compat import fresh_job
 from kontext_server.http.context import (
     ApiContext,
     Caller,
@@ -26,10 +27,12 @@ from kontext_server.http.context import (
     caller,
     site_base,
 )
-from kontext_server.http.schemas import ENDPOINTS
+from kontext_server.http.ids import REQUEST_ID_CONVERTOR, RequestIdPath
+from kontext_server.http.schemas import ENDPOINTS, json_body_schema
 from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
 from kontext_server.http.submission import (
     input_model,
+    own_files_check,
     precheck_urls,
     read_input,
     submit_options,
@@ -53,6 +56,7 @@ __all__ = [
     "add_request_routes",
     "add_submit_routes",
     "add_unknown_endpoint_route",
+    "add_unknown_request_route",
     "run_router",
 ]
 
@@ -75,13 +79,14 @@ def add_submit_routes(app: FastAPI, prefix: str) -> None:
     each in turn, and an included router costs ~4 µs to pass and more to enter.
     ``add_unknown_endpoint_route`` (added last) answers the other ``POST`` paths."""
     routes = _QueueRoutes(prefix)
-    for endpoint in ENDPOINTS:
+    for endpoint, model in ENDPOINTS.items():
         app.add_api_route(
             f"{prefix}/{endpoint}",
             routes.submit_to(endpoint),
             methods=["POST"],
             name=f"submit {endpoint}",
             tags=["queue"],
+            openapi_extra=json_body_schema(model),
         )
 
 
@@ -89,7 +94,7 @@ def add_request_routes(app: FastAPI, prefix: str) -> None:
     """Status, status stream, cancel and result of a request under ``prefix``; their paths
     contain ``/requests/``, so they shadow no other route."""
     routes = _QueueRoutes(prefix)
-    request_path = prefix + "/{endpoint:path}/requests/{request_id}"
+    request_path = f"{prefix}/{{endpoint:path}}/requests/{{request_id:{REQUEST_ID_CONVERTOR}}}"
     for path, handler, method in (
         (f"{request_path}/status", routes.status, "GET"),
         (f"{request_path}/status/stream", routes.stream, "GET"),
@@ -97,6 +102,25 @@ def add_request_routes(app: FastAPI, prefix: str) -> None:
         (request_path, routes.result, "GET"),
     ):
         app.add_api_route(path, handler, methods=[method], tags=["queue"])
+
+
+def add_unknown_request_route(app: FastAPI, prefix: str) -> None:
+    """``GET``/``PUT {prefix}/.../requests/{anything}``: what the request-id routes did not
+    take (an id that is not one of ours, an empty id segment) is a 404 in the route's own
+    shape, the id neither used nor echoed. Added after the request-id routes of every
+    prefix."""
+    app.add_api_route(
+        prefix + "/{endpoint:path}/requests/{rest:path}",
+        _unknown_request,
+        methods=["GET", "PUT"],
+        include_in_schema=False,
+    )
+
+
+async def _unknown_request(request: Request) -> JSONResponse:
+    if request.method == "PUT":
+        return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+    return JSONResponse(_NOT_FOUND, status_code=404)
 
 
 def add_unknown_endpoint_route(app: FastAPI, prefix: str) -> None:
@@ -151,7 +175,7 @@ class _QueueRoutes:
     async def status(
         self,
         endpoint: str,
-        request_id: str,
+        request_id: RequestIdPath,
         request: Request,
         context: Context,
         principal: Caller,
@@ -171,7 +195,7 @@ class _QueueRoutes:
     async def stream(
         self,
         endpoint: str,
-        request_id: str,
+        request_id: RequestIdPath,
         request: Request,
         context: Context,
         principal: Caller,
@@ -208,7 +232,12 @@ class _QueueRoutes:
         )
 
     def result(
-        self, endpoint: str, request_id: str, request: Request, context: Context, principal: Caller
+        self,
+        endpoint: str,
+        request_id: RequestIdPath,
+        request: Request,
+        context: Context,
+        principal: Caller,
     ) -> JSONResponse:
         """The output, the job's error, or 400 while not finished: PROTOCOL.md §6."""
         job = _find(context, endpoint, request_id, principal.owner)
@@ -220,7 +249,7 @@ class _QueueRoutes:
         return _final_answer(context, request, job)
 
     def cancel(
-        self, endpoint: str, request_id: str, context: Context, principal: Caller
+        self, endpoint: str, request_id: RequestIdPath, context: Context, principal: Caller
     ) -> JSONResponse:
         """Queued: cancelled now; running: within one step: PROTOCOL.md §7."""
         job = _find(context, endpoint, request_id, principal.owner)
@@ -240,8 +269,7 @@ async def run(endpoint: str, request: Request, context: Context, principal: Call
         if await request.is_disconnected():
             await run_in_threadpool(context.service.cancel, job.id, principal.owner)
             return JSONResponse({"detail": "Client disconnected"}, status_code=499)
-        fresh: Job | None = await run_in_threadpool(context.service.store.get, job.id)
-        job = fresh or job
+        job = await fresh_job(context.service.store.get, job)  # waits through outages
     return _final_answer(context, request, job)
 
 
@@ -258,8 +286,7 @@ async def _submit(
     options = submit_options(request)
     webhook = webhook_url(request)
     if context.url_checker is not None:
-        own_files_url = f"{site_base(request)}/files/"
-        precheck_urls(job_input, webhook, context.url_checker, own_files_url=own_files_url)
+        precheck_urls(job_input, webhook, context.url_checker, is_own_file=own_files_check(request))
     # The submits that reach the loop together commit together (group commit), on the loop
     # for SQLite (a thread hop per submit cost a third of the throughput), off it for
     # PostgreSQL (a round trip would stall every other request); see docs/performance.md.
@@ -314,11 +341,9 @@ def _not_found(request_id: str) -> JSONResponse:
 
 
 def _echoed_id(request_id: str) -> dict[str, str]:
-    """The caller's request id as a header, unless it cannot be one (found by fuzzing: a
-    non-Latin-1 id in the path must be a 404, not a 500)."""
-    if request_id.isascii() and request_id.isprintable() and len(request_id) <= 200:
-        return {REQUEST_ID_HEADER: request_id}
-    return {}
+    """The caller's request id as a header: the route matched only an id of our own format
+    (``ids.py``), so it is always a legal header value."""
+    return {REQUEST_ID_HEADER: request_id}
 
 
 def _truthy(value: str | None) -> bool:

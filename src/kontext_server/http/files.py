@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
-from kontext_server.files.base import content_type_for_key
+from kontext_server.files.base import content_type_for_key, is_valid_file_key
 from kontext_server.http.context import Context
 
 __all__ = ["LocalPaths", "files_router"]
@@ -39,7 +39,7 @@ def files_router() -> APIRouter:
 
 def serve_file(key: str, context: Context) -> FileResponse:
     """Stream one stored file; 404 for unknown keys (and for stores without local paths)."""
-    path = _local_path(context, key)
+    path = _local_path(context, key) if is_valid_file_key(key) else None
     if path is None:
         raise HTTPException(404, "File not found")
     return FileResponse(

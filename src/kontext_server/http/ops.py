@@ -40,7 +40,8 @@ def ops_router(
     def readyz() -> JSONResponse:
         problems = [p for p in (_run_check(check) for check in [_store_check(store), *checks]) if p]
         if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+            body = {"status": "unavailable", "problems": problems}
+            return JSONResponse(body, status_code=503, headers={"retry-after": "1"})
         return JSONResponse({"status": "ready"})
 
     @router.get("/metrics")

@@ -49,7 +49,9 @@ __all__ = [
     "FalInput",
     "MaxInput",
     "MaxMultiInput",
+    "NotBool",
     "TextToImageInput",
+    "json_body_schema",
 ]
 
 PROMPT_MAX_CHARS = 4000  # T5 reads at most 512 tokens; this only bounds what we store
@@ -108,7 +110,7 @@ def _shown(value: Any) -> str:
 def _check_prompt(prompt: str) -> str:
     if not prompt.strip():
         raise PydanticCustomError("prompt", "prompt must not be empty: say what to edit")
-    return prompt
+    return _without_nul(prompt)
 
 
 def _check_description(prompt: str) -> str:
@@ -116,6 +118,14 @@ def _check_description(prompt: str) -> str:
         raise PydanticCustomError(
             "prompt", "prompt must not be empty: describe the image to generate"
         )
+    return _without_nul(prompt)
+
+
+def _without_nul(prompt: str) -> str:
+    """JSON bodies are refused with NUL anywhere (``json_limits``); this covers prompts that
+    come another way (OpenAI's multipart form). PostgreSQL cannot store NUL."""
+    if "\x00" in prompt:
+        raise PydanticCustomError("prompt", "prompt must not contain the NUL character (\\u0000)")
     return prompt
 
 
@@ -154,9 +164,24 @@ def _safety_level(value: Any) -> Any:
     raise PydanticCustomError("safety_tolerance", f"{_SAFETY_RULE}; got {_shown(value)}")
 
 
+def _not_bool(value: Any) -> Any:
+    """JSON ``true``/``false`` is not a number: pydantic's lax mode would read ``true`` as 1
+    (strings such as ``"3"`` stay accepted, as documented)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "a boolean is not a number")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+Seed = Annotated[int | None, Field(ge=0, lt=SEED_LIMIT), NotBool]
+ImageCount = Annotated[int, Field(ge=1, le=4), NotBool]
+Guidance = Annotated[float, Field(ge=1, le=20, allow_inf_nan=False), NotBool]
 Prompt = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_prompt)]
 Description = Annotated[str, Field(max_length=PROMPT_MAX_CHARS), AfterValidator(_check_description)]
-ImageSource = Annotated[str, AfterValidator(_check_image_source)]
+# "format: uri" tells OpenAPI readers (and the schema fuzzers) what kind of string it is.
+ImageSource = Annotated[
+    str, AfterValidator(_check_image_source), Field(json_schema_extra={"format": "uri"})
+]
 SafetyTolerance = Annotated[Literal["1", "2", "3", "4", "5", "6"], BeforeValidator(_safety_level)]
 
 
@@ -228,10 +253,10 @@ class MaxInput(FalInput):
 
     prompt: Prompt
     image_url: ImageSource
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    seed: Seed = None
+    guidance_scale: Guidance = 3.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
     aspect_ratio: Annotated[str | None, AfterValidator(_check_aspect_ratio)] = None
@@ -247,10 +272,10 @@ class MaxMultiInput(FalInput):
 
     prompt: Prompt
     image_urls: Annotated[list[ImageSource], Field(min_length=1, max_length=MAX_IMAGE_URLS)]
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    seed: Seed = None
+    guidance_scale: Guidance = 3.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
     aspect_ratio: ListedAspectRatio | None = None
@@ -269,10 +294,10 @@ class TextToImageInput(FalInput):
     _body_rule: ClassVar[str] = "the request body must be a JSON object with at least prompt"
 
     prompt: Description
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 3.5
+    seed: Seed = None
+    guidance_scale: Guidance = 3.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
     aspect_ratio: Annotated[ListedAspectRatio, BeforeValidator(_default_square)] = "1:1"
@@ -301,11 +326,11 @@ class DevInput(FalInput):
 
     prompt: Prompt
     image_url: ImageSource
-    num_inference_steps: Annotated[int, Field(ge=1, le=DEV_MAX_STEPS)] = 28
-    seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    guidance_scale: Annotated[float, Field(ge=1, le=20, allow_inf_nan=False)] = 2.5
+    num_inference_steps: Annotated[int, Field(ge=1, le=DEV_MAX_STEPS), NotBool] = 28
+    seed: Seed = None
+    guidance_scale: Guidance = 2.5
     sync_mode: bool = False
-    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    num_images: ImageCount = 1
     enable_safety_checker: bool = True
     output_format: Literal["jpeg", "png"] = "jpeg"
     enhance_prompt: bool = False
@@ -333,3 +358,10 @@ ENDPOINTS: dict[str, type[FalInput]] = {
     "fal-ai/flux-pro/kontext/text-to-image": TextToImageInput,
     "fal-ai/flux-kontext/dev": DevInput,
 }
+
+
+def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its JSON itself (within the limits of
+    ``json_limits``) instead of declaring a body parameter."""
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}

@@ -2,7 +2,8 @@
 and the end of the stream right after the ``COMPLETED`` event.
 
 Workers are other processes, so the stream polls the store (every ``poll_interval_s``); each
-read runs in the thread pool, never on the event loop.
+read runs in the thread pool, never on the event loop. While the store is unavailable the
+stream stays open with keep-alive comments and goes on once the store is back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import anyio
 from starlette.concurrency import run_in_threadpool
 
+from kontext_server.errors import StoreUnavailableError
 from kontext_server.http.wire import RequestUrls, status_body
 from kontext_server.jobs import Job, JobEvent, JobStatus, Progress
 from kontext_server.service import QueueService
@@ -130,21 +132,40 @@ class StatusStream:
         last_sent_at = self._clock()
         job = self._job
         while True:
-            position = await self._queue_position(job)
-            events = await self._new_events(seen.last_event_id if seen else 0)
-            now_seen = _Seen(job.status, job.progress, position, _last_id(events, seen))
-            if now_seen != seen:
-                body = status_body(job, self._urls, queue_position=position, logs=events)
-                yield sse_event(body)
-                seen, last_sent_at = now_seen, self._clock()
-            if job.status.is_final:
-                return
+            update = await self._read(job, seen)
+            if update is not None:
+                position, events = update
+                now_seen = _Seen(job.status, job.progress, position, _last_id(events, seen))
+                if now_seen != seen:
+                    body = status_body(job, self._urls, queue_position=position, logs=events)
+                    yield sse_event(body)
+                    seen, last_sent_at = now_seen, self._clock()
+                if job.status.is_final:
+                    return
             if self._clock() - last_sent_at >= self._keepalive_s:
                 yield KEEPALIVE
                 last_sent_at = self._clock()
             await anyio.sleep(self._poll_interval_s)
+            job = await self._fresh(job)
+
+    async def _read(
+        self, job: Job, seen: _Seen | None
+    ) -> tuple[int | None, list[JobEvent] | None] | None:
+        """The queue position and new log lines; None while the store is unavailable (the
+        stream stays open, keep-alives go on, and the next round reads again)."""
+        try:
+            position = await self._queue_position(job)
+            events = await self._new_events(seen.last_event_id if seen else 0)
+        except StoreUnavailableError:
+            return None
+        return position, events
+
+    async def _fresh(self, job: Job) -> Job:
+        try:
             fresh: Job | None = await run_in_threadpool(self._service.store.get, job.id)
-            job = fresh or job
+        except StoreUnavailableError:
+            return job
+        return fresh or job
 
     async def _queue_position(self, job: Job) -> int | None:
         if job.status is not JobStatus.QUEUED:

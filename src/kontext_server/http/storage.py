@@ -19,13 +19,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from kontext_server.auth import AuthError, Principal, key_from_authorization
+from kontext_server.http.compat import BodyTooLargeError, read_capped_body
 from kontext_server.http.context import ApiContext, Caller, Context, site_base
+from kontext_server.http.ids import is_upload_ticket
+from kontext_server.http.schemas import json_body_schema
+from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.uploads import (
     UploadCleanupLoop,
     UploadService,
@@ -39,6 +44,7 @@ REST_PREFIX = "/rest"  # fal's rest.fal.ai
 CDN_PREFIX = "/cdn"  # fal's v3.fal.media upload host
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 _LIFECYCLE_HEADERS = ("x-fal-object-lifecycle", "x-fal-object-lifecycle-preference")
+_MAX_INITIATE_BYTES = 64 * 1024
 
 
 class InitiateUpload(BaseModel):
@@ -59,7 +65,10 @@ def storage_router(context: ApiContext) -> APIRouter:
     router = APIRouter(tags=["storage"], lifespan=cleanup.lifespan)
     router.add_api_route(f"{REST_PREFIX}/storage/auth/token", routes.token, methods=["POST"])
     router.add_api_route(
-        f"{REST_PREFIX}/storage/upload/initiate", routes.initiate, methods=["POST"]
+        f"{REST_PREFIX}/storage/upload/initiate",
+        routes.initiate,
+        methods=["POST"],
+        openapi_extra=json_body_schema(InitiateUpload),
     )
     router.add_api_route(
         f"{REST_PREFIX}/storage/upload/initiate-multipart", routes.no_multipart, methods=["POST"]
@@ -87,8 +96,9 @@ class _StorageRoutes:
             "expires_at": expires_at.isoformat(),
         }
 
-    def initiate(self, body: InitiateUpload, request: Request, principal: Caller) -> dict[str, str]:
+    async def initiate(self, request: Request, principal: Caller) -> dict[str, str]:
         """Where to ``PUT`` the bytes (a signed URL) and where the file will be served."""
+        body = await _read_initiate(request)
         ttl_s = lifecycle_ttl_s(_lifecycle_headers(request), self._uploads.retention_s)
         prepared = self._uploads.prepare(principal.owner, body.file_name, body.content_type, ttl_s)
         base = site_base(request)
@@ -107,6 +117,8 @@ class _StorageRoutes:
 
     async def put(self, ticket: str, request: Request) -> JSONResponse:
         """The bytes of an upload started with ``initiate``; the URL is the permission."""
+        if not is_upload_ticket(ticket):  # not one we could have issued
+            return JSONResponse({"detail": "Upload URL not found"}, status_code=404)
         key = self._uploads.ticket_key(ticket)
         return await self._store(request, key)
 
@@ -148,6 +160,31 @@ class _StorageRoutes:
                 "file_size": stored.size,
             }
         )
+
+
+async def _read_initiate(request: Request) -> InitiateUpload:
+    """The body of ``/storage/upload/initiate``, parsed within the JSON limits
+    (``json_limits``); 413 past ``_MAX_INITIATE_BYTES``, 422 when it is not such an object."""
+    try:
+        raw = await read_capped_body(request, _MAX_INITIATE_BYTES)
+    except BodyTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from None
+    try:
+        return InitiateUpload.model_validate(parse_json(raw))
+    except JSONLimitError as exc:
+        message = (
+            f"the request body is not valid JSON ({exc}); send {json_rules()}, an object "
+            'such as {"content_type": "image/png", "file_name": "cat.png"}'
+        )
+        errors: list[dict[str, Any]] = [
+            {"loc": ("body", exc.position or 0), "msg": message, "type": "json_invalid"}
+        ]
+    except ValidationError as exc:
+        errors = [
+            {**error, "loc": ("body", *error["loc"])}
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+    raise RequestValidationError(errors)
 
 
 async def _read_capped(request: Request, uploads: UploadService) -> bytes:

@@ -6,25 +6,29 @@ say what is allowed; nothing here touches the network.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from kontext_server.errors import ImageFetchError
-from kontext_server.fetch import SafeFetcher
+from kontext_server.fetch import SafeFetcher, literal_addresses, parsed_url
 from kontext_server.http.schemas import ENDPOINTS, FalInput
 from kontext_server.jobs import PRIORITY_LOW, PRIORITY_NORMAL
+from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
 
 __all__ = [
     "SubmitOptions",
     "input_model",
+    "own_files_check",
+    "precheck_urls",
     "read_input",
     "submit_options",
     "webhook_url",
@@ -95,15 +99,13 @@ def _too_large(max_body_bytes: int) -> HTTPException:
 
 def _parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        position = exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        return parse_json(body)
+    except JSONLimitError as exc:
         raise _invalid(
-            ("body", position),
+            ("body", exc.position or 0),
             "json_invalid",
-            f"the request body is not valid JSON ({reason} at position {position}); send a "
-            'JSON object such as {"prompt": "...", "image_url": "https://..."}',
+            f"the request body is not valid JSON ({exc}); send {json_rules()}, an object "
+            'such as {"prompt": "...", "image_url": "https://..."}',
         ) from None
 
 
@@ -181,8 +183,8 @@ def _retention_s(value: str | None) -> float | None:
 
 def _expiration_duration_s(value: str) -> float | None:
     try:
-        preference = json.loads(value)
-    except json.JSONDecodeError:
+        preference = parse_json(value)
+    except JSONLimitError:
         return None
     raw = preference.get("expiration_duration_seconds") if isinstance(preference, dict) else None
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
@@ -204,6 +206,7 @@ def webhook_url(request: Request) -> str | None:
         parts.scheme not in ("http", "https")
         or not parts.hostname
         or len(url) > _MAX_WEBHOOK_URL_CHARS
+        or not url.isprintable()  # control characters (NUL cannot even be stored)
     ):
         raise _invalid(
             ("query", "fal_webhook"),
@@ -215,13 +218,18 @@ def webhook_url(request: Request) -> str | None:
 
 
 def precheck_urls(
-    job_input: dict[str, Any], webhook: str | None, checker: SafeFetcher, *, own_files_url: str
+    job_input: dict[str, Any],
+    webhook: str | None,
+    checker: SafeFetcher,
+    *,
+    is_own_file: Callable[[str], bool] = lambda url: False,
 ) -> None:
     """Refuse, at submit, the image and webhook URLs that can be judged without DNS (address
     literals in any spelling, localhost, schemes, ports): a clear 422 now instead of a failed
     request later. Names are checked again when fetched (worker) or delivered to (webhook).
-    Image URLs under ``own_files_url`` (this server's own uploads and outputs, as the client
-    reached us) are read by the worker from the file store, never fetched, so they pass."""
+    Image URLs for which ``is_own_file`` is true (this server's own uploads and outputs; see
+    ``own_files_check``) are read by the worker from the file store, never fetched, so they
+    pass."""
     targets: list[tuple[tuple[str | int, ...], str, str]] = []
     if isinstance(job_input.get("image_url"), str):
         targets.append((("body", "image_url"), job_input["image_url"], "image_url"))
@@ -233,7 +241,7 @@ def precheck_urls(
     for loc, url, label in targets:
         if not url.startswith(("http://", "https://")):
             continue  # data: URIs were checked by the schema
-        if loc[0] == "body" and url.startswith(own_files_url):
+        if loc[0] == "body" and is_own_file(url):
             continue
         try:
             checker.precheck(url, label=label)
@@ -241,6 +249,32 @@ def precheck_urls(
             errors.append({"loc": loc, "msg": str(exc), "type": "url_not_allowed"})
     if errors:
         raise RequestValidationError(errors)
+
+
+def own_files_check(request: Request) -> Callable[[str], bool]:
+    """Whether a URL links to this server's own ``/files/``, judged by the address and port
+    of the socket the request arrived on (the ASGI ``server``), never by the ``Host`` header,
+    which the client chooses. Host names pass the submit check anyway (they are resolved and
+    checked when fetched); this matters for address literals and ``localhost``, e.g.
+    ``http://127.0.0.1:8000/files/...`` sent to a server listening there."""
+    server = request.scope.get("server")
+    files_path = f"{request.scope.get('root_path', '')}/files/"
+
+    def is_own_file(url: str) -> bool:
+        if not server or server[1] is None:
+            return False  # a Unix socket: no address to compare
+        try:
+            parts = parsed_url(url)
+            host = parts.raw_host.decode("ascii")
+        except (httpx.InvalidURL, TypeError, UnicodeDecodeError):
+            return False
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if port != server[1] or not parts.path.startswith(files_path):
+            return False
+        addresses = literal_addresses(host, port)
+        return addresses is not None and str(server[0]) in addresses
+
+    return is_own_file
 
 
 def _invalid(loc: tuple[str | int, ...], kind: str, message: str) -> RequestValidationError:

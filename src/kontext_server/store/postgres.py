@@ -3,11 +3,13 @@
 The same tables, state machine and fencing as ``SQLiteJobStore``; PostgreSQL specifics:
 
 * A ``psycopg_pool.ConnectionPool`` of autocommit connections, checked before each use. A
-  call that cannot reach PostgreSQL raises ``StoreError`` (no psycopg exception leaves this
-  module) and marks the pool suspect; while it is, each call first probes the server with
-  one plain connection (failing fast during an outage) and, once the server answers,
-  replaces the pool. So the first call after PostgreSQL is back works, instead of waiting
-  out the pool's reconnection backoff (1 s, 2 s, 4 s, ...).
+  call that cannot reach PostgreSQL raises ``StoreUnavailableError`` (no psycopg exception
+  leaves this module) and marks the pool suspect; while it is, calls probe the server with
+  one plain connection (one probe at a time, ``PROBE_TIMEOUT_S`` at most, and after a failed
+  one none for as long as it took; the other calls fail at once) and, once the server
+  answers, replace the pool. So an outage is answered promptly, and the first call after
+  PostgreSQL is back works, instead of waiting out the pool's reconnection backoff (1 s,
+  2 s, 4 s, ...).
 * Most operations are one statement (data-modifying CTEs): a move to a final status sets
   ``expires_at``, appends the closing event and the outbox row in the statement that moves
   it, so each is atomic without an explicit transaction and costs one round trip.
@@ -33,9 +35,9 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from kontext_server.errors import StoreError
+from kontext_server.errors import StoreError, StoreUnavailableError
 from kontext_server.jobs import (
     ApiKey,
     CancelOutcome,
@@ -76,6 +78,8 @@ __all__ = ["PostgresJobStore"]
 Connection = psycopg.Connection[DictRow]
 
 CONNECT_TIMEOUT_S = 5
+PROBE_TIMEOUT_S = 2  # connecting to see whether the server is back (libpq's smallest timeout)
+_ACQUIRE_SLICE_S = 0.1  # waiting for a pooled connection: how often to look for an outage
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
 _AHEAD_OF_INSERTED = (
     "(SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
@@ -179,7 +183,7 @@ class PostgresJobStore:
     tests inject a fake one). ``pool_max`` bounds the connections this process opens
     (plus one for ``wait_for_work``). ``default_retention_s`` is how long a finished job is
     kept when its ``NewJob.retention_s`` is ``None``. ``acquire_timeout_s`` is how long a
-    call waits for a connection (e.g. while PostgreSQL is down) before ``StoreError``.
+    call waits for a free connection of the pool before ``StoreUnavailableError``.
     """
 
     waits_on_network = True  # every call is a round trip: the API calls off its event loop
@@ -206,6 +210,9 @@ class PostgresJobStore:
         self._closed = False
         self._pool_lock = threading.Lock()
         self._pool_suspect = False
+        self._probing = False  # a probe is under way (see _healthy_pool)
+        self._next_probe_at = 0.0  # time.monotonic(); no probe before this
+        self._last_failure: BaseException = StoreError("not connected yet")
         self._keys_presence = KeysPresence()
         self._pool = self._new_pool()
         try:
@@ -225,7 +232,6 @@ class PostgresJobStore:
                 "row_factory": dict_row,
                 "connect_timeout": CONNECT_TIMEOUT_S,
             },
-            check=ConnectionPool.check_connection,
             timeout=self._acquire_timeout_s,
             name="kontext-job-store",
             open=False,
@@ -233,41 +239,102 @@ class PostgresJobStore:
         pool.open()
         return pool
 
-    def _unavailable(self, exc: BaseException) -> StoreError:
-        return StoreError(
+    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(
             f"the PostgreSQL job store ({self._where}) is unavailable ({exc});"
             " retry once it is back"
         )
 
+    def _mark_suspect(self, exc: BaseException) -> None:
+        with self._pool_lock:
+            self._pool_suspect = True
+            self._last_failure = exc
+
     def _healthy_pool(self) -> ConnectionPool[Connection]:
         """The pool; after a connection failure, first a probe and, if the server answers,
-        a fresh pool (the old one's connections all died with the server)."""
+        a fresh pool (the old one's connections all died with the server).
+
+        A circuit breaker keeps an outage cheap for callers: one probe at a time, and after a
+        failed probe none for as long as it took; meanwhile every call fails at once with
+        ``StoreUnavailableError`` instead of each waiting out a connection attempt."""
         with self._pool_lock:
             if self._closed:
                 raise StoreError(f"the job store ({self._where}) is closed")
             if not self._pool_suspect:
                 return self._pool
-            try:
-                psycopg.connect(self._dsn, connect_timeout=CONNECT_TIMEOUT_S).close()
-            except psycopg.Error as exc:
-                raise self._unavailable(exc) from exc
+            if self._probing or time.monotonic() < self._next_probe_at:
+                raise self._unavailable(self._last_failure)
+            self._probing = True
+        started = time.monotonic()
+        try:
+            psycopg.connect(self._dsn, connect_timeout=PROBE_TIMEOUT_S).close()
+        except psycopg.Error as exc:
+            with self._pool_lock:
+                self._probing = False
+                # Refused at once (the server is stopped): the next call may probe at once.
+                # Timed out (unreachable): that long again before the next probe.
+                self._next_probe_at = 2 * time.monotonic() - started
+                self._last_failure = exc
+            raise self._unavailable(exc) from exc
+        with self._pool_lock:
             stale, self._pool = self._pool, self._new_pool()
-            self._pool_suspect = False
+            self._pool_suspect = self._probing = False
         stale.close(timeout=0)  # connections still out are closed when given back
         return self._pool
 
+    def _acquire(self) -> tuple[ConnectionPool[Connection], Connection]:
+        """A live connection and its pool. A connection that fails its check marks the pool
+        suspect and the call goes through ``_healthy_pool`` once more: a server that
+        restarted while we were idle costs a probe and a new pool, not an error; a server
+        that is down answers at once (no waiting out the pool's own reconnection)."""
+        for attempt in (1, 2):
+            pool = self._healthy_pool()
+            conn = self._getconn(pool)
+            try:
+                ConnectionPool.check_connection(conn)
+            except psycopg.Error as exc:
+                pool.putconn(conn)  # a broken connection is discarded, not reused
+                self._mark_suspect(exc)
+                if attempt == 2:
+                    raise self._unavailable(exc) from exc
+                continue
+            return pool, conn
+        raise AssertionError("unreachable")
+
+    def _getconn(self, pool: ConnectionPool[Connection]) -> Connection:
+        """A connection of ``pool`` within ``acquire_timeout_s``, asked for in short slices:
+        a call waiting for one (the pool busy, or refilling itself after the server went
+        away) gives up as soon as another call has found the server unreachable, instead of
+        waiting out the whole timeout."""
+        deadline = time.monotonic() + self._acquire_timeout_s
+        while True:
+            slice_s = min(_ACQUIRE_SLICE_S, max(0.0, deadline - time.monotonic()))
+            try:
+                return pool.getconn(timeout=slice_s)
+            except PoolTimeout as exc:
+                if self._pool_suspect:
+                    raise self._unavailable(self._last_failure) from exc
+                if time.monotonic() >= deadline:
+                    self._mark_suspect(exc)
+                    raise self._unavailable(exc) from exc
+            except psycopg.OperationalError as exc:
+                self._mark_suspect(exc)
+                raise self._unavailable(exc) from exc
+
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
-        """A pooled autocommit connection; psycopg errors leave as ``StoreError``."""
-        pool = self._healthy_pool()
+        """A pooled autocommit connection; psycopg errors leave as ``StoreError``
+        (``StoreUnavailableError`` when the server cannot be reached)."""
+        pool, conn = self._acquire()
         try:
-            with pool.connection() as conn:
-                yield conn
+            yield conn
         except psycopg.OperationalError as exc:
-            self._pool_suspect = True
+            self._mark_suspect(exc)
             raise self._unavailable(exc) from exc
         except psycopg.Error as exc:
             raise StoreError(f"the PostgreSQL job store ({self._where}) failed: {exc}") from exc
+        finally:
+            pool.putconn(conn)
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
