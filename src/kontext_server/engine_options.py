@@ -35,8 +35,9 @@ class MemoryMode:
 
     @property
     def loads_on_cpu(self) -> bool:
-        """Weights go to CPU memory first (the offload hooks move them as they are needed)."""
-        return self.offload != "resident"
+        """Weights read from disk go to CPU memory first: the offload hooks move them as they
+        are needed, and fp8 storage casts them before they move (in bf16 they may not fit)."""
+        return self.offload != "resident" or self.storage == "fp8-storage"
 
 
 def parse_memory_mode(text: str) -> MemoryMode:

@@ -22,11 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
+from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT, EXIT_START_FAILED
 
 __all__ = ["WorkerSpec", "WorkerSupervisor", "visible_gpus", "worker_specs"]
 
 log = logging.getLogger(__name__)
+
+_MAX_RESTART_DELAY_S = 30.0
 
 
 def visible_gpus(env: Mapping[str, str]) -> list[str]:
@@ -135,6 +137,8 @@ class WorkerSupervisor:
                 log.warning("worker %d did not stop in time; killing it", proc.pid)
                 proc.kill()
                 proc.wait()
+            if self._on_exit is not None:
+                self._on_exit(proc.pid)
 
     def _spawn(self, slot: _Slot) -> None:
         env = {**os.environ, **slot.spec.env}
@@ -166,13 +170,23 @@ class WorkerSupervisor:
     @staticmethod
     def _schedule_restart(slot: _Slot, proc: subprocess.Popen[bytes], now: float) -> None:
         slot.process = None
+        if proc.returncode == EXIT_START_FAILED:
+            # the model cannot load (or warm up) here: trying again at once would fail again
+            slot.restarts += 1
+            slot.next_start_at = now + _MAX_RESTART_DELAY_S
+            log.error(
+                "worker pid %d could not load its model; trying again in %.0f s",
+                proc.pid,
+                _MAX_RESTART_DELAY_S,
+            )
+            return
         if proc.returncode == EXIT_EXECUTION_TIMEOUT:
             slot.next_start_at = now
             log.warning(
                 "worker pid %d ended itself after an execution timeout; replacing it", proc.pid
             )
             return
-        delay_s = min(30.0, 0.5 * 2**slot.restarts)
+        delay_s = min(_MAX_RESTART_DELAY_S, 0.5 * 2**slot.restarts)
         slot.restarts += 1
         slot.next_start_at = now + delay_s
         log.warning(

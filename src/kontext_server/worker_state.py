@@ -23,7 +23,7 @@ READY = "ready"
 
 @dataclass(frozen=True)
 class WorkerState:
-    state: str  # loading | warming up | ready
+    state: str  # loading | warming up | ready | failed
     detail: str = ""
     since: float = 0.0  # time.time() when this state began
 
@@ -67,6 +67,12 @@ class WorkerStates:
     def remove(self, pid: int) -> None:
         with contextlib.suppress(OSError):
             (self.folder / f"{pid}.json").unlink()
+
+    def clear(self) -> None:
+        """Remove every state file (``serve`` does, before it starts its workers)."""
+        for path in self.folder.glob("*.json"):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def readiness(self, pids: list[int]) -> str | None:
         """None when at least one of ``pids`` is ready, else what each one is doing."""

@@ -65,3 +65,25 @@ def test_a_compiling_worker_is_not_ready_until_compiled_and_restarts_warm(
     # Reported, not judged (CPU timings vary): the log says both.
     print(f"warm-up: {first:.1f} s cold, {second:.1f} s with the compile cache")
     assert not list((data_dir / "workers").glob("*.json"))  # state files go with the workers
+
+
+def test_a_worker_that_cannot_load_its_preset_says_why_in_readyz(tmp_path: Path) -> None:
+    # fp8 needs CUDA: on this CPU the worker refuses to start, and is not restarted in a loop
+    server = ServerProcess(tmp_path / "data", env={"KONTEXT_ACCELERATION": "fp8"})
+    server.start()
+    try:
+        deadline = time.monotonic() + 90
+        body = ""
+        with httpx.Client(base_url=server.base_url, timeout=5.0) as client:
+            while time.monotonic() < deadline and "could not start" not in body:
+                answer = client.get("/readyz")
+                assert answer.status_code == 503, answer.text
+                body = answer.text
+                time.sleep(0.3)
+        assert "could not start" in body, f"{body}\n{server.log_tail()}"
+        assert "acceleration fp8 needs a CUDA GPU" in body
+        log = server.log_tail(10**7)
+        assert "could not load its model; trying again in 30 s" in log
+        assert log.count("cannot start:") == 1  # one attempt so far, not a crash loop
+    finally:
+        server.stop()

@@ -163,6 +163,37 @@ def test_compile_preset_is_lossless_and_keeps_its_kernels(
     assert any((tmp_path / "inductor").rglob("*.py"))
 
 
+@pytest.mark.parametrize("memory", ["group-offload", "fp8-storage"])
+def test_compile_runs_with_memory_modes_that_hook_the_blocks(
+    memory: str, reference_latents: torch.Tensor, tmp_path: Path
+) -> None:
+    # Both modes put hooks on the compiled blocks (a compiler-disabled onload, a weight swap):
+    # the blocks compile with graph breaks there instead of failing to compile whole.
+    engine = build("compile", memory, tmp=tmp_path)
+    try:
+        latents = final_latents(engine)
+    finally:
+        engine.close()
+    assert latents.shape == reference_latents.shape
+    bound = 1e-4 if memory == "group-offload" else 0.1  # fp8 storage rounds the weights
+    assert relative_l2(latents, reference_latents) < bound
+
+
+def test_fusion_leaves_no_unused_projection_weights() -> None:
+    plain = build("none")
+    fused = build("compile")
+    try:
+        count = sum(p.numel() for p in plain.pipe.transformer.parameters())
+        fused_count = sum(p.numel() for p in fused.pipe.transformer.parameters())
+        attention = fused.pipe.transformer.transformer_blocks[0].attn
+    finally:
+        plain.close()
+        fused.close()
+    assert fused_count == count  # the same weights, concatenated: nothing kept twice
+    assert not hasattr(attention, "to_q") and not hasattr(attention, "add_q_proj")
+    assert attention.to_qkv is not None and attention.to_added_qkv is not None
+
+
 def test_step_cache_skips_work_and_fal_none_turns_it_off(
     cache_engine: KontextPipeline, reference_latents: torch.Tensor
 ) -> None:
@@ -258,16 +289,31 @@ def test_prompt_cache_keeps_the_most_recent_prompts() -> None:
 # --- warm-up ----------------------------------------------------------------------------------
 
 
-def test_warmup_compiles_before_the_first_request(tmp_path: Path) -> None:
-    engine = build("compile", tmp=tmp_path)
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("preset", ["compile", "cache"])
+def test_after_warmup_requests_compile_nothing_new(preset: str, tmp_path: Path) -> None:
+    engine = build(preset, tmp=tmp_path)
     try:
+        before = unique_graphs()
         seconds = engine.warmup()
-        assert seconds > 0
+        compiled = unique_graphs()
+        assert seconds > 0 and compiled > before  # the warm-up compiled
         assert len(engine.prompt_cache) == 0  # the warm-up prompt is not kept
-        result = engine.edit(request(aspect_ratio="16:9"))
+        assert (engine.prompt_cache.hits, engine.prompt_cache.misses) == (0, 0)
+        results = [
+            engine.edit(request(aspect_ratio="16:9", acceleration="high")),
+            engine.edit(request(images=[reference_image().resize((90, 60))], acceleration="none")),
+            engine.edit(request(acceleration="regular")),
+        ]
     finally:
         engine.close()
-    assert result.images[0].width > result.images[0].height
+    assert unique_graphs() == compiled  # no request paid for a compile
+    assert results[0].images[0].width > results[0].images[0].height
 
 
 def test_nf4_quantizes_the_transformer_and_t5_while_real_weights_load() -> None:
@@ -283,7 +329,7 @@ def test_nf4_quantizes_the_transformer_and_t5_while_real_weights_load() -> None:
 def test_nf4_of_a_single_file_says_what_to_use(tmp_path: Path) -> None:
     transformer_file = tmp_path / "flux1-kontext-dev.safetensors"
     transformer_file.write_bytes(b"")
-    with pytest.raises(ModelLoadError, match=r"CUDA GPU|single file"):
+    with pytest.raises(ModelLoadError, match="is a single file: give its diffusers folder"):
         KontextPipeline.load(
             str(transformer_file),
             device="cpu",

@@ -147,9 +147,14 @@ def run_server(
         bfl.engine = "bfl"
         specs.append(bfl)
     states = WorkerStates(settings.data_dir / "workers")
+    states.clear()  # files of an earlier run (a killed serve) would speak for reused pids
+    start_failure: list[str] = []  # why the last worker that gave up could not start
 
     def worker_ended(pid: int) -> None:
         mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+        state = states.read(pid)
+        if state is not None and state.state == "failed":
+            start_failure[:] = [state.detail]
         states.remove(pid)
 
     supervisor = WorkerSupervisor(specs, on_exit=worker_ended)
@@ -162,9 +167,12 @@ def run_server(
         if not count:
             return None
         pids = supervisor.pids_of("local")
-        if not pids:
-            return f"none of the {count} worker process(es) is running"
-        return states.readiness(pids)
+        problem = (
+            states.readiness(pids) if pids else f"none of the {count} worker process(es) is running"
+        )
+        if problem and start_failure:
+            problem += f"; the last worker that exited could not start: {start_failure[0]}"
+        return problem
 
     api = create_app(
         settings,

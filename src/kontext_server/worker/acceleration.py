@@ -6,10 +6,11 @@ Two independent settings (``Settings.acceleration`` / ``Settings.memory``):
 
 ========== ===================================================================================
 ``none``   plain diffusers: eager, SDPA as torch picks it (the reference for deviations)
-``compile`` lossless levers: fused QKV projections, the fastest SDPA backend of the GPU
+``compile`` the same arithmetic: fused QKV projections, the fastest SDPA backend of the GPU
            (cuDNN, else flash) through diffusers' attention dispatcher, and regional
-           compilation (``ModelMixin.compile_repeated_blocks``: the repeated transformer block
-           is compiled once and reused for all 57)
+           compilation (``ModelMixin.compile_repeated_blocks``: each of the two block kinds is
+           compiled once and reused by all 57 blocks). Other kernels round differently: see
+           docs/performance.md for the measured deviation
 ``fp8``    ``compile`` plus torchao's float8 dynamic activation and weight quantization
            (per-row scales) of the transformer's linear layers; CUDA, compute capability 8.9+
 ``cache``  ``compile`` plus step caching with diffusers' First Block Cache (a step whose first
@@ -184,6 +185,7 @@ def apply_acceleration(pipe: Any, acceleration: Acceleration, device: torch.devi
     transformer = pipe.transformer
     if levers.compile:
         transformer.fuse_qkv_projections()
+        _drop_unfused_projections(transformer)
         applied.note("fused QKV projections")
         applied.attention_backend = _fastest_attention(transformer, device)
         if applied.attention_backend:
@@ -194,6 +196,9 @@ def apply_acceleration(pipe: Any, acceleration: Acceleration, device: torch.devi
     if acceleration.memory.storage == "fp8-storage":
         _store_in_fp8(pipe)
         applied.note("weights stored in float8 (layerwise casting)")
+        if acceleration.memory.offload == "resident":
+            # loaded into CPU memory in bf16 (it may not fit the GPU that way): cast, then move
+            pipe.to(device)
     if levers.step_cache:
         from diffusers.hooks.first_block_cache import FirstBlockCacheConfig
 
@@ -203,8 +208,15 @@ def apply_acceleration(pipe: Any, acceleration: Acceleration, device: torch.devi
     if levers.compile:
         if acceleration.compile_cache_dir is not None:
             use_compile_cache(acceleration.compile_cache_dir)
-        # The cache's decision (a .item()) is a graph break by design: no fullgraph there.
-        transformer.compile_repeated_blocks(fullgraph=not levers.step_cache)
+        # Hooks on the blocks break the graph by design: the step cache's decision (a .item()),
+        # group offload's onload (compiler-disabled), layerwise casting's weight swap. Whole
+        # blocks compile in one graph only without them.
+        hooked = (
+            levers.step_cache
+            or acceleration.memory.offload == "group-offload"
+            or acceleration.memory.storage != "bf16"
+        )
+        transformer.compile_repeated_blocks(fullgraph=not hooked)
         applied.note("regional compilation of the repeated transformer blocks")
     return applied
 
@@ -250,6 +262,23 @@ def _first_block_cache_heads(transformer: Any) -> Iterator[Any]:
         hook = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
         if hook is not None:
             yield hook
+
+
+def _drop_unfused_projections(transformer: Any) -> None:
+    """diffusers' fusion adds ``to_qkv`` / ``to_added_qkv`` next to the separate projections,
+    which the fused path never reads again: on the full model they are 2.15 B parameters
+    (4.3 GB in bf16) that would stay resident, be moved by offload and be quantized by fp8."""
+    unfused = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+    for module in transformer.modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        for name in unfused:
+            if name == "to_q" and getattr(module, "to_qkv", None) is None:
+                continue  # not fused after all: keep what it computes with
+            if name.startswith("add_") and getattr(module, "to_added_qkv", None) is None:
+                continue
+            if hasattr(module, name):
+                delattr(module, name)
 
 
 def _fastest_attention(transformer: Any, device: torch.device) -> str | None:

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import start_http_server
 
 from kontext_server.config import Settings
+from kontext_server.errors import KontextError
 from kontext_server.fetch import SafeFetcher
 from kontext_server.files import open_file_store
 from kontext_server.metrics import JobMetrics
 from kontext_server.store import open_configured_store
+from kontext_server.worker.exit_codes import EXIT_START_FAILED
 from kontext_server.worker.runner import JobRunner, RunnerLimits
 from kontext_server.worker_state import WorkerStates
 
@@ -58,7 +60,6 @@ def runner_limits(settings: Settings) -> RunnerLimits:
 def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain (see the module docstring) and return."""
     from kontext_server.worker.pipeline import KontextPipeline  # torch lives behind this line
-    from kontext_server.worker.safety import content_safety_from_settings
 
     worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
     metrics = JobMetrics()
@@ -67,10 +68,31 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     states = WorkerStates(settings.data_dir / "workers")
     states.write("loading", f"model {settings.model}")
+    try:
+        pipeline = KontextPipeline.from_settings(settings)
+        warm_up(pipeline, settings, states)
+    except Exception as exc:  # a load error, or an OOM in warm-up: say so, do not loop
+        reason = str(exc) if isinstance(exc, KontextError) else f"{type(exc).__name__}: {exc}"
+        log.exception("worker %s cannot start: %s", worker_id, reason)
+        states.write("failed", reason)  # read by serve's /readyz, removed by its supervisor
+        raise SystemExit(EXIT_START_FAILED) from exc
+    try:
+        _serve_jobs(settings, worker_id, pipeline, metrics, states)
+    finally:
+        states.remove(os.getpid())
+
+
+def _serve_jobs(
+    settings: Settings,
+    worker_id: str,
+    pipeline: KontextPipeline,
+    metrics: JobMetrics,
+    states: WorkerStates,
+) -> None:
+    from kontext_server.worker.safety import content_safety_from_settings
+
     store = open_configured_store(settings)
     files = open_file_store(settings.files_url(), settings)
-    pipeline = KontextPipeline.from_settings(settings)
-    warm_up(pipeline, settings, states)
     safety = content_safety_from_settings(settings)  # says so in the log when there is none
     runner = JobRunner(
         store,
@@ -95,7 +117,6 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     finally:
         runner.close()
         store.close()
-        states.remove(os.getpid())
         log.info("worker %s stopped", worker_id)
 
 

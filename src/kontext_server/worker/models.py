@@ -57,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KONTEXT_HF_ID = "black-forest-labs/FLUX.1-Kontext-dev"
-_TINY_SEED = 0
+_SEED = 0
 _T = TypeVar("_T")
 
 # FLUX.1-Kontext-dev's scheduler (dynamic shifting is what `mu` in diffusers' __call__ feeds).
@@ -247,13 +247,17 @@ def load_kontext_pipeline(
     if memory.storage == "nf4":
         _check_nf4(model, target)
     if model == "tiny":
-        return build_random_pipeline(TINY, device=target, dtype=dtype, seed=_TINY_SEED), True
+        return build_random_pipeline(TINY, device=target, dtype=dtype, seed=_SEED), True
     if model == "dummy-full":
         # Random weights are built where they will run (a second, not minutes on the CPU),
-        # also with offload when the device has room for the build: the offload hooks then
-        # move them to CPU memory before the first edit.
+        # also with offload or fp8 storage when the device has room for the bf16 build: the
+        # hooks then move or cast them before the first edit. Seeded: every process builds
+        # the same weights, so that runs can be compared.
         build_on = target if _has_room_for_full_build(target) else torch.device("cpu")
-        return build_random_pipeline(FULL_SIZE, device=build_on, dtype=dtype), True
+        pipe = build_random_pipeline(FULL_SIZE, device=build_on, dtype=dtype, seed=_SEED)
+        if build_on != target and not memory.loads_on_cpu:
+            pipe = pipe.to(target)
+        return pipe, True
     path = Path(model).expanduser()
     if model.startswith((".", "/", "~")) and not path.exists():
         raise ModelLoadError(
@@ -262,12 +266,6 @@ def load_kontext_pipeline(
         )
     quantization = _nf4_config(dtype) if memory.storage == "nf4" else None
     if path.suffix in (".safetensors", ".gguf"):
-        if quantization is not None:
-            raise ModelLoadError(
-                f"memory mode nf4 quantizes a diffusers folder or Hugging Face model while it "
-                f"loads; {path.name} is a single file: give its diffusers folder, or use "
-                "fp8-storage"
-            )
         pipe = _load_single_file(path, config_dir, allow_download=allow_download, dtype=dtype)
     else:
         pipe = _load_pretrained(
@@ -303,6 +301,12 @@ def _check_nf4(model: str, device: torch.device) -> None:
         raise ModelLoadError(
             f"memory mode nf4 quantizes weights while they load from disk; {model!r} is built "
             "in memory with random weights: use fp8-storage, or a real model folder"
+        )
+    if Path(model).suffix in (".safetensors", ".gguf"):
+        raise ModelLoadError(
+            f"memory mode nf4 quantizes a diffusers folder or Hugging Face model while it "
+            f"loads; {Path(model).name} is a single file: give its diffusers folder, or use "
+            "fp8-storage"
         )
     if device.type != "cuda":
         raise ModelLoadError(

@@ -292,19 +292,29 @@ class KontextPipeline:
         started = time.perf_counter()
         aspects = _WARMUP_ASPECTS if self.acceleration.compiles else _WARMUP_ASPECTS[:1]
         side = 1024 if self.area_px is None else max(16, int(self.area_px**0.5))
+        # With a step cache, both of its branches are compiled: every step computed
+        # (threshold 0), and steps that reuse the cached residual (threshold 1: from the
+        # second step on, every step is skipped).
+        thresholds = (0.0, 1.0) if self.acceleration.step_cache else (None,)
         for aspect in aspects:
             reference = Image.new("RGB", (side, side), (127, 127, 127))
-            self.edit(
-                EditRequest(
-                    prompt=_WARMUP_PROMPT,
-                    images=[reference],
-                    seed=0,
-                    aspect_ratio=aspect,
-                    num_inference_steps=steps,
-                )
+            request = EditRequest(
+                prompt=_WARMUP_PROMPT,
+                images=[reference],
+                seed=0,
+                aspect_ratio=aspect,
+                num_inference_steps=max(steps, 3) if self.acceleration.step_cache else steps,
             )
+            for threshold in thresholds:
+                self._warmup_edit(request, threshold)
         self.prompt_cache.clear()
         return time.perf_counter() - started
+
+    def _warmup_edit(self, request: EditRequest, threshold: float | None) -> None:
+        if threshold is None:
+            self.edit(request)
+        else:
+            self._edit(request, None, None, threshold)
 
     @property
     def device(self) -> torch.device:
@@ -333,6 +343,16 @@ class KontextPipeline:
         seed out of range) and ``EditCancelled`` when ``should_cancel()`` turned true after a
         step.
         """
+        threshold = step_cache_threshold(self.acceleration, request.acceleration)
+        return self._edit(request, on_step, should_cancel, threshold)
+
+    def _edit(
+        self,
+        request: EditRequest,
+        on_step: Callable[[int, int], None] | None,
+        should_cancel: Callable[[], bool] | None,
+        cache_threshold: float,
+    ) -> EditResult:
         started = time.perf_counter()
         steps = request.num_inference_steps or self.default_steps
         seed = _validated(request, steps)
@@ -343,8 +363,7 @@ class KontextPipeline:
             steps * request.num_images, on_step, should_cancel, capture=self.capture_latents
         )
         encodings: list[Future[tuple[EncodedImage, float]]] = []
-        threshold = step_cache_threshold(self.acceleration, request.acceleration)
-        with step_cache_at(self.pipe, threshold):
+        with step_cache_at(self.pipe, cache_threshold):
             for index in range(request.num_images):
                 image = self._denoise(
                     request, references, prompt, seed + index, width, height, steps, progress
@@ -532,8 +551,11 @@ class PromptCache:
                 self._entries.popitem(last=False)
 
     def clear(self) -> None:
+        """Forget every entry and the hit/miss counts."""
         with self._lock:
             self._entries.clear()
+            self.hits = 0
+            self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
