@@ -41,7 +41,8 @@ SIZE=1024
 STEPS=28
 RUNS=3
 BUDGET_S=540
-RESERVE_S=15    # kept for the table at the end
+RESERVE_S=30    # kept for the table at the end (its own time limit)
+KILL_GRACE_S=5  # what `timeout -k` may add to a stage that overruns
 MIN_STAGE_S=20  # a stage with less than this left is skipped
 declare -A TIMEOUT_S=(
     [env]=60 [none]=90 [compile]=150 [fp8]=170 [cache]=120 [compile-restart]=90
@@ -90,7 +91,7 @@ write_order() {
 
 # budget STAGE: the seconds this stage may run (0: it does not fit)
 budget() {
-    local left=$((BUDGET_S - SECONDS - RESERVE_S)) limit=${TIMEOUT_S[$1]}
+    local left=$((BUDGET_S - SECONDS - RESERVE_S - KILL_GRACE_S)) limit=${TIMEOUT_S[$1]}
     ((limit > left)) && limit=$left
     ((limit < MIN_STAGE_S)) && limit=0
     echo "$limit"
@@ -109,7 +110,7 @@ stage() {
     else
         rm -f "$OUTDIR/$name.json"
         started=$SECONDS
-        timeout -k 5 "$limit" "$PYTHON" -m kontext_server.worker.bench \
+        timeout -k "$KILL_GRACE_S" "$limit" "$PYTHON" -m kontext_server.worker.bench \
             --model "$MODEL" --device "$DEVICE" --size "$SIZE" --steps "$STEPS" \
             --runs "$RUNS" --warmup 0 --out "$OUTDIR" --entry "$name" \
             --json "$OUTDIR/$name.json" "$@" >"$OUTDIR/$name.log" 2>&1
@@ -128,7 +129,7 @@ stage() {
 limit=$(budget env)
 { command -v nvidia-smi >/dev/null && nvidia-smi -L; } >"$OUTDIR/nvidia-smi.txt" 2>&1
 if ((limit > 0)); then
-    timeout -k 5 "$limit" "$PYTHON" -m kontext_server.worker.bench --env "$OUTDIR/env.json" \
+    timeout -k "$KILL_GRACE_S" "$limit" "$PYTHON" -m kontext_server.worker.bench --env "$OUTDIR/env.json" \
         >"$OUTDIR/env.log" 2>&1 || printf '{"stage": "env", "status": "failed"}\n' >"$OUTDIR/env.json"
 else
     printf '{"stage": "env", "status": "skipped: budget"}\n' >"$OUTDIR/env.json"
@@ -146,7 +147,7 @@ stage group-offload-16gb yes --acceleration none --memory group-offload --memory
 stage model-offload no --acceleration none --memory model-offload
 stage fp8-cache yes --acceleration fp8-cache
 
-timeout -k 5 $((RESERVE_S + 45)) "$PYTHON" -m kontext_server.worker.bench --table "$OUTDIR"
+timeout -k 2 $((RESERVE_S - 2)) "$PYTHON" -m kontext_server.worker.bench --table "$OUTDIR"
 rc=$?
 echo "[$SECONDS s] done: $OUTDIR (summary.json, table.txt, one JSON per stage)"
 exit $rc

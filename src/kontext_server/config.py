@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     multi_reference_budget_px: int = 2 * 1024 * 1024  # total reference pixels for /multi
 
     # --- engine speed and memory (docs/performance.md#presets) -----------------------------
-    # none | compile (lossless) | fp8 | cache (compile + step caching) | fp8-cache
+    # none | compile (same arithmetic) | fp8 | cache (compile + step caching) | fp8-cache
     acceleration: AccelerationPreset = "none"
     # resident | fp8-storage | nf4 | model-offload | group-offload | storage+offload
     memory: str = "resident"

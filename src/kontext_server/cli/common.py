@@ -41,7 +41,7 @@ AccelerationOpt = Annotated[
     str | None,
     typer.Option(
         "--acceleration",
-        help="Engine speed preset: none | compile (lossless) | fp8 | cache | fp8-cache"
+        help="Engine speed preset: none | compile | fp8 | cache | fp8-cache"
         " (default none; env KONTEXT_ACCELERATION).",
     ),
 ]

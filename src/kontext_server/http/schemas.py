@@ -316,9 +316,9 @@ class TextToImageInput(FalInput):
 class DevInput(FalInput):
     """``fal-ai/flux-kontext/dev``: edit one image with the open [dev] model's own knobs.
 
-    ``resolution_mode`` picks the output size; ``acceleration`` and ``enable_safety_checker``
-    are accepted and stored (the engine has no acceleration settings and runs no safety
-    checker; the worker logs an acceleration it cannot apply)."""
+    ``resolution_mode`` picks the output size; ``acceleration`` sets the worker's step cache
+    for this request (docs/models.md#speed-presets); ``enable_safety_checker`` is accepted and
+    stored (content safety follows ``safety_tolerance`` and the server's settings)."""
 
     _body_rule: ClassVar[str] = (
         "the request body must be a JSON object with at least prompt and image_url"
