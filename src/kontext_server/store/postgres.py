@@ -70,16 +70,27 @@ from kontext_server.store.postgres_schema import (
     NOTIFY_CHANNEL,
     SCHEMA_VERSION,
 )
+from kontext_server.store.queue_ranks import DEFAULT_MAX_AGE_S, QueueRanks
 
 __all__ = ["PostgresJobStore"]
 
 Connection = psycopg.Connection[DictRow]
 
 CONNECT_TIMEOUT_S = 5
+PREPARE_THRESHOLD = 1  # psycopg prepares a statement on its second run on a connection
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
-_AHEAD_OF_INSERTED = (
-    "(SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
-    " AND q.engine = i.engine AND (q.priority, q.seq) < (i.priority, i.seq))"
+# The notification is sent when (and only if) the insert commits. ``RETURNING *``: the row as
+# stored (seq, defaults). No queue position here: ``QueueRanks`` answers it from memory.
+_INSERT_JOB_SQL = (
+    "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
+    " max_attempts, input, start_deadline_at, webhook_url, base_url,"
+    " idempotency_key, retention_s, created_at, engine) VALUES (%(id)s, %(owner)s,"
+    " %(endpoint)s, %(priority)s, 'queued', %(max_attempts)s, %(input)s,"
+    " %(start_deadline_at)s, %(webhook_url)s, %(base_url)s,"
+    " %(idempotency_key)s, %(retention_s)s, %(now)s, %(engine)s)"
+    " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
+    f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted AS i"
 )
 _QUEUE_POSITION_SQL = (
     "SELECT (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
@@ -102,14 +113,14 @@ def _closing(update: str) -> str:
     """``update`` (an ``UPDATE jobs ...`` to a final status, without ``RETURNING``) plus what
     every move to a final status does, in the same statement: the closing event
     (``%(level)s``, ``%(message)s``) and, with a webhook URL, one outbox row. Returns the
-    ids of the jobs it closed."""
+    ids (and engine, priority, seq) of the jobs it closed."""
     return (
-        f"WITH done AS ({update} RETURNING id, webhook_url),"
+        f"WITH done AS ({update} RETURNING id, webhook_url, engine, priority, seq),"
         " closing_events AS (INSERT INTO job_events (job_id, at, level, message)"
         "   SELECT id, %(now)s, %(level)s, %(message)s FROM done),"
         " hooks AS (INSERT INTO webhook_outbox (job_id, url, next_attempt_at, created_at)"
         "   SELECT id, webhook_url, %(now)s, %(now)s FROM done WHERE webhook_url IS NOT NULL)"
-        " SELECT id FROM done"
+        " SELECT id, engine, priority, seq FROM done"
     )
 
 
@@ -192,6 +203,7 @@ class PostgresJobStore:
         pool_max: int = 10,
         default_retention_s: float = DEFAULT_RETENTION_S,
         acquire_timeout_s: float = 5.0,
+        position_max_age_s: float = DEFAULT_MAX_AGE_S,
     ) -> None:
         if pool_max < 1:
             raise StoreError(f"pool_max must be at least 1, not {pool_max}")
@@ -207,6 +219,7 @@ class PostgresJobStore:
         self._pool_lock = threading.Lock()
         self._pool_suspect = False
         self._keys_presence = KeysPresence()
+        self._ranks = QueueRanks(self._queued_lines, max_age_s=position_max_age_s)
         self._pool = self._new_pool()
         try:
             self._migrate()
@@ -224,6 +237,9 @@ class PostgresJobStore:
                 "autocommit": True,
                 "row_factory": dict_row,
                 "connect_timeout": CONNECT_TIMEOUT_S,
+                # Server-side prepared from the first repeat: every statement here is one
+                # of a few fixed texts, run again and again (a status poll, a claim).
+                "prepare_threshold": PREPARE_THRESHOLD,
             },
             check=ConnectionPool.check_connection,
             timeout=self._acquire_timeout_s,
@@ -321,28 +337,49 @@ class PostgresJobStore:
         """Close the pool and the listening connection; the store cannot be used afterwards."""
         with self._pool_lock:
             self._closed = True
+        self._ranks.close()
         with self._listen_lock:
             self._drop_listener()
         self._pool.close()
 
     # --- API side ---------------------------------------------------------------------------------
     def submit(self, job: NewJob) -> tuple[Job, bool]:
-        # No queue position: counting the line costs ~8 ms with 100k queued (docs/performance.md)
         with self._connection() as conn:
-            done = self._submit_one(conn, job, with_position=False)
+            (row,) = self._insert_all(conn, [job])
+            done = self._submitted(conn, job, row, with_position=False)
+        self._note_submitted([done])
         return done.job, done.created
 
     def submit_many(self, jobs: Sequence[NewJob]) -> list[Submitted]:
+        """One round trip for the batch's inserts (pipeline mode), in one transaction (one
+        commit: one WAL flush). Positions come from ``QueueRanks`` (no count of the line)."""
+        if not jobs:
+            return []
+        self._ranks.prepare()  # its picture must predate these inserts
         if len(jobs) == 1:  # one statement in autocommit: one round trip
             with self._connection() as conn:
-                return [self._submit_one(conn, jobs[0])]
-        with self._transaction() as conn:
-            return [self._submit_one(conn, job) for job in jobs]
+                (row,) = self._insert_all(conn, jobs)
+                done = [self._submitted(conn, jobs[0], row)]
+        else:
+            with self._transaction() as conn:
+                rows = self._insert_all(conn, jobs)
+                pairs = zip(jobs, rows, strict=True)
+                done = [self._submitted(conn, job, row) for job, row in pairs]
+        # In order: each job's position counts the jobs noted before it, not those after.
+        created = [one.job for one in done if one.created]
+        ahead = iter(self._ranks.queued_positions((j.engine, j.priority, j.seq) for j in created))
+        return [Submitted(one.job, True, next(ahead)) if one.created else one for one in done]
 
-    def _submit_one(
-        self, conn: Connection, job: NewJob, *, with_position: bool = True
-    ) -> Submitted:
-        params = {
+    def _insert_all(self, conn: Connection, jobs: Sequence[NewJob]) -> list[DictRow | None]:
+        """Each job's inserted row, or ``None`` where its idempotency key was taken."""
+        if len(jobs) == 1:
+            return [conn.execute(_INSERT_JOB_SQL, self._insert_params(jobs[0])).fetchone()]
+        with conn.pipeline():
+            cursors = [conn.execute(_INSERT_JOB_SQL, self._insert_params(job)) for job in jobs]
+        return [cursor.fetchone() for cursor in cursors]
+
+    def _insert_params(self, job: NewJob) -> dict[str, Any]:
+        return {
             "id": job.id,
             "owner": job.owner,
             "endpoint": job.endpoint,
@@ -357,42 +394,38 @@ class PostgresJobStore:
             "now": self._clock(),
             "engine": job.engine,
         }
-        ahead_sql = _AHEAD_OF_INSERTED if with_position else "0"
+
+    def _submitted(
+        self, conn: Connection, job: NewJob, row: DictRow | None, *, with_position: bool = True
+    ) -> Submitted:
+        """The outcome of one insert (position still 0); an idempotency conflict reads the
+        earlier job, or inserts again if that one was purged meanwhile."""
+        if row is not None:
+            return Submitted(_job_from_row(row), True, 0)
+        return self._submit_one(conn, job, with_position=with_position)
+
+    def _note_submitted(self, done: Sequence[Submitted]) -> None:
+        for one in done:
+            if one.created:
+                self._ranks.note_queued(one.job.engine, one.job.priority, one.job.seq)
+
+    def _submit_one(
+        self, conn: Connection, job: NewJob, *, with_position: bool = True
+    ) -> Submitted:
+        """After an idempotency conflict: the earlier job (with its position), or, if it was
+        purged in between (a very old key), a new insert."""
         for _ in range(_SUBMIT_TRIES):
-            try:
-                # The notification is sent when (and only if) the insert commits. The count
-                # runs on the statement's snapshot, which does not hold the new row: it counts
-                # the queued jobs ahead of it (earlier statements of the batch included).
-                row = conn.execute(
-                    "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
-                    " max_attempts, input, start_deadline_at, webhook_url, base_url,"
-                    " idempotency_key, retention_s, created_at, engine) VALUES (%(id)s, %(owner)s,"
-                    " %(endpoint)s, %(priority)s, 'queued', %(max_attempts)s, %(input)s,"
-                    " %(start_deadline_at)s, %(webhook_url)s, %(base_url)s,"
-                    " %(idempotency_key)s, %(retention_s)s, %(now)s, %(engine)s)"
-                    " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
-                    " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
-                    f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', ''), {ahead_sql} AS ahead"
-                    " FROM inserted AS i",
-                    params,
-                ).fetchone()
-            except pg_errors.UniqueViolation as exc:
-                raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
-            if row is not None:
-                return Submitted(_job_from_row(row), True, int(row["ahead"]))
             existing = conn.execute(
                 "SELECT * FROM jobs WHERE coalesce(owner, '') = %s AND idempotency_key = %s",
                 (job.owner or "", job.idempotency_key),
             ).fetchone()
             if existing is not None:
                 found = _job_from_row(existing)
-                counted = (
-                    conn.execute(_QUEUE_POSITION_SQL, (found.id,)).fetchone()
-                    if with_position
-                    else None
-                )
-                return Submitted(found, False, 0 if counted is None else int(counted["ahead"]))
-            # the conflicting job was purged in between (a very old key): insert again
+                ahead = self.queue_position_of(found) if with_position else None
+                return Submitted(found, False, ahead or 0)
+            row = conn.execute(_INSERT_JOB_SQL, self._insert_params(job)).fetchone()
+            if row is not None:
+                return Submitted(_job_from_row(row), True, 0)
         raise StoreError(f"cannot insert job {job.id!r}: its idempotency key kept conflicting")
 
     def get(self, job_id: str) -> Job | None:
@@ -400,10 +433,38 @@ class PostgresJobStore:
         return None if row is None else _job_from_row(row)
 
     def queue_position(self, job_id: str) -> int | None:
-        """Queued jobs of the same engine ahead by (priority, seq): one range count on the
-        partial queue index."""
+        """Queued jobs of the same engine ahead by (priority, seq), from ``QueueRanks``: one
+        read of the job, then binary searches in memory, whatever the depth. Exact for this
+        process's own changes; other processes' are seen within ``position_max_age_s`` plus
+        one reload (``queue_ranks.py``)."""
+        row = self._fetchone(
+            "SELECT status, engine, priority, seq FROM jobs WHERE id = %s", (job_id,)
+        )
+        if row is None or row["status"] != JobStatus.QUEUED.value:
+            return None
+        return self._ranks.position(row["engine"], row["priority"], row["seq"])
+
+    def queue_position_of(self, job: Job) -> int | None:
+        if job.status is not JobStatus.QUEUED:
+            return None
+        return self._ranks.position(job.engine, job.priority, job.seq)
+
+    def queue_position_counted(self, job_id: str) -> int | None:
+        """``queue_position`` counted in the table now (one range count: its cost grows with
+        the line); for tests and diagnostics."""
         row = self._fetchone(_QUEUE_POSITION_SQL, (job_id,))
         return None if row is None else int(row["ahead"])
+
+    def _queued_lines(self) -> list[tuple[str, int, list[int]]]:
+        """Every queued job's seq, by line (``QueueRanks``' loader): one statement, the
+        seqs as one binary array per line."""
+        with self._connection() as conn:
+            cursor = conn.cursor(binary=True)
+            rows = cursor.execute(
+                "SELECT engine, priority, array_agg(seq ORDER BY seq) AS seqs FROM jobs"
+                " WHERE status = 'queued' GROUP BY engine, priority"
+            ).fetchall()
+        return [(row["engine"], row["priority"], row["seqs"]) for row in rows]
 
     def queue_depth(self) -> int:
         row = self._fetchone("SELECT count(*) AS n FROM jobs WHERE status = 'queued'")
@@ -452,18 +513,23 @@ class PostgresJobStore:
                 return CancelOutcome.ALREADY_FINISHED
             now = self._clock()
             if status is JobStatus.QUEUED:
-                conn.execute(
+                left = conn.execute(
                     _closing(
                         "UPDATE jobs SET status = 'canceled', cancel_requested = true,"
                         f" error = %(error)s, error_type = %(error_type)s, {_FINAL_COLUMNS}"
                         " WHERE id = %(job_id)s"
                     ),
                     self._closing_params(now, "WARN", "canceled", job_id=job_id),
-                )
-                return CancelOutcome.CANCELED
-            conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
-            self._insert_event(conn, job_id, now, "WARN", "cancellation requested")
+                ).fetchall()
+                canceled = True
+            else:
+                conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
+                self._insert_event(conn, job_id, now, "WARN", "cancellation requested")
+                canceled = False
+        if not canceled:
             return CancelOutcome.REQUESTED
+        self._note(False, left)
+        return CancelOutcome.CANCELED
 
     def _closing_params(self, now: float, level: str, message: str, **more: Any) -> dict[str, Any]:
         return {
@@ -489,7 +555,7 @@ class PostgresJobStore:
         starts a job past its start deadline: those are failed with ``request_timeout``."""
         now = self._clock()
         with self._connection() as conn:
-            self._expire_unstarted(conn, now)
+            expired = self._expire_unstarted(conn, now)
             row = conn.execute(
                 "WITH claimed AS (UPDATE jobs SET status = 'running', attempts = attempts + 1,"
                 " lease_owner = %(worker_id)s, lease_until = %(lease_until)s,"
@@ -510,6 +576,7 @@ class PostgresJobStore:
                     "engine": engine,
                 },
             ).fetchone()
+        self._note(False, expired if row is None else [*expired, row])
         return None if row is None else _job_from_row(row)
 
     def peek_queued(self, limit: int, *, engine: str = "local") -> list[Job]:
@@ -594,12 +661,15 @@ class PostgresJobStore:
             released = conn.execute(
                 "WITH released AS (UPDATE jobs SET status = 'queued', attempts = attempts - 1,"
                 " lease_owner = NULL, lease_until = NULL, started_at = NULL,"
-                f" progress_step = NULL, progress_total = NULL WHERE {_FENCE} RETURNING id),"
+                f" progress_step = NULL, progress_total = NULL WHERE {_FENCE}"
+                " RETURNING id, engine, priority, seq),"
                 " logged AS (INSERT INTO job_events (job_id, at, level, message)"
                 "   SELECT id, %(now)s, 'WARN', %(message)s FROM released)"
-                f" SELECT id, pg_notify('{NOTIFY_CHANNEL}', '') FROM released",
+                " SELECT id, engine, priority, seq,"
+                f" pg_notify('{NOTIFY_CHANNEL}', '') FROM released",
                 {**fence, "now": now, "message": RELEASED_EVENT},
             ).fetchall()
+        self._note(True, released)
         return len(released) == 1
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
@@ -738,22 +808,34 @@ class PostgresJobStore:
                 "WITH requeued AS (UPDATE jobs SET status = 'queued', lease_owner = NULL,"
                 " lease_until = NULL, started_at = NULL, progress_step = NULL,"
                 " progress_total = NULL"
-                f" WHERE {expired.format(condition='NOT cancel_requested')} RETURNING id),"
+                f" WHERE {expired.format(condition='NOT cancel_requested')}"
+                " RETURNING id, engine, priority, seq),"
                 " logged AS (INSERT INTO job_events (job_id, at, level, message)"
                 "   SELECT id, %(now)s, 'WARN', 'worker lost; retrying' FROM requeued)"
-                " SELECT id FROM requeued",
+                " SELECT id, engine, priority, seq FROM requeued",
                 {"now": now},
             ).fetchall()
             if requeued:
                 conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        self._note(True, requeued)
         return len(canceled) + len(failed) + len(requeued)
 
     def expire_unstarted(self) -> int:
         with self._connection() as conn:
-            return self._expire_unstarted(conn, self._clock())
+            expired = self._expire_unstarted(conn, self._clock())
+        self._note(False, expired)
+        return len(expired)
 
-    def _expire_unstarted(self, conn: Connection, now: float) -> int:
-        rows = conn.execute(
+    def _note(self, queued: bool, rows: Sequence[DictRow]) -> None:
+        """Committed: these jobs (rows with engine, priority, seq) entered (``queued``) or
+        left the queue; ``QueueRanks`` learns of it."""
+        note = self._ranks.note_queued if queued else self._ranks.note_left
+        for row in rows:
+            note(row["engine"], row["priority"], row["seq"])
+
+    def _expire_unstarted(self, conn: Connection, now: float) -> list[DictRow]:
+        """Fails the queued jobs past their start deadline; returns their rows."""
+        return conn.execute(
             _closing(
                 "UPDATE jobs SET status = 'failed', error = %(timeout)s,"
                 f" error_type = %(timeout_type)s, {_FINAL_COLUMNS}"
@@ -769,7 +851,6 @@ class PostgresJobStore:
                 timeout_type=START_TIMEOUT_ERROR_TYPE,
             ),
         ).fetchall()
-        return len(rows)
 
     def purge_expired(self, limit: int = 500) -> list[PurgedJob]:
         """Deletes up to ``limit`` finished jobs past ``expires_at`` (oldest expiry first);
