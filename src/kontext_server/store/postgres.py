@@ -22,8 +22,10 @@ The same tables, state machine and fencing as ``SQLiteJobStore``; PostgreSQL spe
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -122,6 +124,15 @@ def _closing(update: str) -> str:
         "   SELECT id, webhook_url, %(now)s, %(now)s FROM done WHERE webhook_url IS NOT NULL)"
         " SELECT id, engine, priority, seq FROM done"
     )
+
+
+def _int8_array(big_endian: bytes) -> array[int]:
+    """8-byte big-endian signed integers (PostgreSQL's ``int8send``) as an ``array``."""
+    seqs = array("q")
+    seqs.frombytes(big_endian)
+    if sys.byteorder == "little":
+        seqs.byteswap()
+    return seqs
 
 
 def _job_from_row(row: DictRow) -> Job:
@@ -455,16 +466,15 @@ class PostgresJobStore:
         row = self._fetchone(_QUEUE_POSITION_SQL, (job_id,))
         return None if row is None else int(row["ahead"])
 
-    def _queued_lines(self) -> list[tuple[str, int, list[int]]]:
-        """Every queued job's seq, by line (``QueueRanks``' loader): one statement, the
-        seqs as one binary array per line."""
-        with self._connection() as conn:
-            cursor = conn.cursor(binary=True)
-            rows = cursor.execute(
-                "SELECT engine, priority, array_agg(seq ORDER BY seq) AS seqs FROM jobs"
-                " WHERE status = 'queued' GROUP BY engine, priority"
-            ).fetchall()
-        return [(row["engine"], row["priority"], row["seqs"]) for row in rows]
+    def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
+        """Every queued job's seq, by line (``QueueRanks``' loader): one statement, each
+        line's seqs as one string of 8-byte big-endian integers, turned into an array in C
+        (a Python int per job would hold the GIL ~10 ms per 100k jobs)."""
+        rows = self._fetchall(
+            "SELECT engine, priority, string_agg(int8send(seq), ''::bytea ORDER BY seq) AS seqs"
+            " FROM jobs WHERE status = 'queued' GROUP BY engine, priority"
+        )
+        return [(row["engine"], row["priority"], _int8_array(row["seqs"])) for row in rows]
 
     def queue_depth(self) -> int:
         row = self._fetchone("SELECT count(*) AS n FROM jobs WHERE status = 'queued'")

@@ -178,7 +178,8 @@ class QueueRanks:
             started = time.perf_counter()
             try:
                 lines = {
-                    (engine, priority): array("q", seqs) for engine, priority, seqs in self._load()
+                    (engine, priority): seqs if isinstance(seqs, array) else array("q", seqs)
+                    for engine, priority, seqs in self._load()
                 }
             except BaseException:
                 with self._lock:

@@ -21,9 +21,11 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +94,20 @@ _QUEUE_POSITION_SQL = (
     " FROM jobs AS j WHERE j.id = ? AND j.status = 'queued'"
 )
 _FENCE = "id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
+
+
+def _hex_array(text: str) -> array[int]:
+    """16 hex digits per integer (big-endian) as an ``array``. SQLite feeds ``group_concat``
+    the ordered subquery's rows in order (an aggregate's subquery with ORDER BY is not
+    flattened) without promising it: a sample of pairs is checked, and sorted if one is off."""
+    seqs = array("q")
+    seqs.frombytes(bytes.fromhex(text))
+    if sys.byteorder == "little":
+        seqs.byteswap()
+    step = max(1, len(seqs) // 64)
+    if any(seqs[i] >= seqs[i + 1] for i in range(0, len(seqs) - 1, step)):
+        return array("q", sorted(seqs))
+    return seqs
 
 
 def _dumps(value: Any) -> str:
@@ -422,17 +438,31 @@ class SQLiteJobStore:
         row = self._conn().execute(_QUEUE_POSITION_SQL, (job_id,)).fetchone()
         return None if row is None else int(row[0])
 
-    def _queued_lines(self) -> list[tuple[str, int, list[int]]]:
-        """Every queued job's seq, by line (``QueueRanks``' loader): one statement."""
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT engine, priority, group_concat(seq) FROM jobs WHERE status = 'queued'"
-                " GROUP BY engine, priority"
-            )
-            .fetchall()
-        )
-        return [(engine, prio, sorted(map(int, seqs.split(",")))) for engine, prio, seqs in rows]
+    def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
+        """Every queued job's seq, by line (``QueueRanks``' loader), in one read transaction:
+        per line, the seqs in index order as one hex string, turned into an array in C (a
+        Python int per job would hold the GIL ~10 ms per 100k jobs)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            lines = conn.execute(
+                "SELECT engine, priority FROM queue_counts WHERE queued > 0"
+            ).fetchall()
+            return [
+                (engine, priority, _hex_array(self._line_hex(conn, engine, priority)))
+                for engine, priority in lines
+            ]
+        finally:
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _line_hex(conn: sqlite3.Connection, engine: str, priority: int) -> str:
+        (text,) = conn.execute(
+            "SELECT group_concat(printf('%016x', seq), '') FROM (SELECT seq FROM jobs"
+            " WHERE status = 'queued' AND engine = ? AND priority = ? ORDER BY seq)",
+            (engine, priority),
+        ).fetchone()
+        return text or ""
 
     def queue_depth(self) -> int:
         row = self._conn().execute("SELECT coalesce(sum(queued), 0) FROM queue_counts").fetchone()
