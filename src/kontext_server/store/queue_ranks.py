@@ -17,8 +17,9 @@ Freshness (fal's ``queue_position`` is a hint, not a contract):
   the next load. While positions are being asked, a refresher thread reloads every
   ``max_age_s`` (1 s; or every four loads' time if that is longer: at most a fifth of its
   time goes to loading), so an answer reflects them within that period plus one load's
-  duration (``staleness_bound_s``): 1.0-1.1 s at 100k queued, ~2.5 s at 1M on PostgreSQL. A refresher that nobody has asked for ``idle_stop_s`` stops; the next
-  question then loads at once (in the caller's thread), so an answer is never older than that.
+  duration (``staleness_bound_s``): 1.0-1.1 s at 100k queued, ~2.5 s at 1M on PostgreSQL.
+  A refresher that nobody has asked for ``idle_stop_s`` stops; the next question then loads
+  at once (in the caller's thread), so an answer is never older than that.
 
 Positions of jobs that changed line in another process meanwhile (claimed, canceled) are
 simply answered from the picture: the caller reads the job's status from the store first and
