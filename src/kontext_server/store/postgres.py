@@ -301,6 +301,17 @@ class PostgresJobStore:
         with self._connection() as conn, conn.transaction():
             yield conn
 
+    @contextmanager
+    def _hint_transaction(self) -> Iterator[Connection]:
+        """A transaction for hints (progress, log lines), sent in one round trip (pipeline)
+        and committed without waiting for its WAL flush (``synchronous_commit`` off for it
+        alone). Visible at once like any commit; a crash of PostgreSQL itself may lose the
+        last fraction of a second of them (up to 3 x ``wal_writer_delay``), never a job's
+        status, which keeps durable commits. Read results after the block."""
+        with self._connection() as conn, conn.pipeline(), conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit TO off")
+            yield conn
+
     def _fetchone(self, query: str, params: Any = None) -> DictRow | None:
         with self._connection() as conn:
             return conn.execute(query, params).fetchone()
@@ -718,31 +729,35 @@ class PostgresJobStore:
         return row is not None and bool(row["cancel_requested"])
 
     def set_progress(self, job_id: str, worker_id: str, attempt: int, progress: Progress) -> bool:
-        rows = self._fetchall(
-            "WITH moved AS (UPDATE jobs SET progress_step = %(step)s,"
-            f" progress_total = %(total)s WHERE {_FENCE} RETURNING id)"
-            " INSERT INTO job_events (job_id, at, level, message, data)"
-            " SELECT id, %(now)s, 'INFO', %(message)s, %(data)s FROM moved RETURNING id",
-            {
-                "step": progress.step,
-                "total": progress.total,
-                "job_id": job_id,
-                "worker_id": worker_id,
-                "attempt": attempt,
-                "now": self._clock(),
-                "message": f"step {progress.step}/{progress.total}",
-                "data": Jsonb({"step": progress.step, "total": progress.total}),
-            },
-        )
-        return len(rows) == 1
+        """Fenced; a hint, committed without waiting for the WAL flush
+        (``_hint_transaction``)."""
+        with self._hint_transaction() as conn:
+            cursor = conn.execute(
+                "WITH moved AS (UPDATE jobs SET progress_step = %(step)s,"
+                f" progress_total = %(total)s WHERE {_FENCE} RETURNING id)"
+                " INSERT INTO job_events (job_id, at, level, message, data)"
+                " SELECT id, %(now)s, 'INFO', %(message)s, %(data)s FROM moved RETURNING id",
+                {
+                    "step": progress.step,
+                    "total": progress.total,
+                    "job_id": job_id,
+                    "worker_id": worker_id,
+                    "attempt": attempt,
+                    "now": self._clock(),
+                    "message": f"step {progress.step}/{progress.total}",
+                    "data": Jsonb({"step": progress.step, "total": progress.total}),
+                },
+            )
+        return len(cursor.fetchall()) == 1
 
     def add_event(
         self, job_id: str, message: str, level: str = "INFO", data: dict[str, Any] | None = None
     ) -> None:
-        """Append a log line (not fenced). Raises ``StoreError`` for an unknown job."""
-        with self._connection() as conn:
-            added = self._insert_event(conn, job_id, self._clock(), level, message, data)
-        if not added:
+        """Append a log line (not fenced), committed without waiting for the WAL flush
+        (``_hint_transaction``). Raises ``StoreError`` for an unknown job."""
+        with self._hint_transaction() as conn:
+            cursor = self._event_insert(conn, job_id, self._clock(), level, message, data)
+        if cursor.fetchone() is None:
             raise StoreError(f"cannot add an event to unknown job {job_id!r}")
 
     def finish(
@@ -885,13 +900,25 @@ class PostgresJobStore:
         data: dict[str, Any] | None = None,
     ) -> bool:
         """Appends an event after locking its job's row; ``False`` if there is no such job."""
-        row = conn.execute(
+        cursor = PostgresJobStore._event_insert(conn, job_id, at, level, message, data)
+        return cursor.fetchone() is not None
+
+    @staticmethod
+    def _event_insert(
+        conn: Connection,
+        job_id: str,
+        at: float,
+        level: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+    ) -> psycopg.Cursor[DictRow]:
+        """The event insert of ``_insert_event``; its cursor has the new id's row, if any."""
+        return conn.execute(
             "WITH job AS (SELECT id FROM jobs WHERE id = %s FOR NO KEY UPDATE)"
             " INSERT INTO job_events (job_id, at, level, message, data)"
             " SELECT id, %s, %s, %s, %s FROM job RETURNING id",
             (job_id, at, level, message, Jsonb(data or {})),
-        ).fetchone()
-        return row is not None
+        )
 
     # --- webhook outbox ---------------------------------------------------------------------------
     def claim_webhooks(self, claimer: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
