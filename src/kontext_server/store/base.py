@@ -200,6 +200,11 @@ class JobStore(Protocol):
 
     def revoke_api_key(self, key_id: str) -> bool: ...
 
+    def known_has_api_keys(self) -> bool | None:
+        """``has_api_keys``' answer if it is known without asking the database (cached),
+        else ``None``: lets authentication skip a thread hop when it needs no I/O."""
+        ...
+
     def has_api_keys(self) -> bool:
         """True when at least one active key exists (authentication on)."""
         ...

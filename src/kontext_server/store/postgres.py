@@ -488,8 +488,9 @@ class PostgresJobStore:
         return [(row["engine"], row["priority"], _int8_array(row["seqs"])) for row in rows]
 
     def queue_depth(self) -> int:
-        row = self._fetchone("SELECT count(*) AS n FROM jobs WHERE status = 'queued'")
-        return 0 if row is None else int(row["n"])
+        """From ``QueueRanks`` (no count of the table: submit's queue limits ask it for every
+        batch), with the freshness of a position."""
+        return self._ranks.depth()
 
     def count_queued(self, owner: str | None) -> int:
         # Two spellings, because IS NOT DISTINCT FROM cannot use the owner index.
@@ -1006,6 +1007,10 @@ class PostgresJobStore:
         )
         self._keys_presence.forget()
         return revoked == 1
+
+    def known_has_api_keys(self) -> bool | None:
+        """``has_api_keys``' cached answer, or ``None`` when it would ask the database."""
+        return self._keys_presence.known()
 
     def has_api_keys(self) -> bool:
         """Cached for ``API_KEYS_CACHE_S`` (``common.KeysPresence``): authentication asks on

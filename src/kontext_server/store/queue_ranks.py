@@ -111,6 +111,13 @@ class QueueRanks:
         with self._lock:
             return self._ahead(engine, priority, seq)
 
+    def depth(self) -> int:
+        """Queued jobs of every engine (same freshness as a position)."""
+        self.prepare()
+        with self._lock:
+            assert self._lines is not None
+            return sum(self._length(line) for line in self._lines.keys() | self._added.keys())
+
     def prepare(self) -> None:
         """Make sure a picture is there and kept fresh: loads it now (in this thread) if there
         is none or the refresher has stopped. A store calls it before inserts whose positions

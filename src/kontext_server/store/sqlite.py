@@ -919,6 +919,10 @@ class SQLiteJobStore:
         self._keys_presence.forget()
         return cursor.rowcount == 1
 
+    def known_has_api_keys(self) -> bool | None:
+        """``has_api_keys``' cached answer, or ``None`` when it would ask the database."""
+        return self._keys_presence.known()
+
     def has_api_keys(self) -> bool:
         """Cached for ``API_KEYS_CACHE_S`` (``common.KeysPresence``)."""
         return self._keys_presence.answer(self._any_active_key)
