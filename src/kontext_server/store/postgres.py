@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import weakref
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -79,6 +80,7 @@ __all__ = ["PostgresJobStore"]
 Connection = psycopg.Connection[DictRow]
 
 CONNECT_TIMEOUT_S = 5
+CHECK_IDLE_S = 1.0  # a pooled connection idle longer is checked (a round trip) before use
 PREPARE_THRESHOLD = 1  # psycopg prepares a statement on its second run on a connection
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
 # The notification is sent when (and only if) the insert commits. ``RETURNING *``: the row as
@@ -230,6 +232,7 @@ class PostgresJobStore:
         self._pool_lock = threading.Lock()
         self._pool_suspect = False
         self._keys_presence = KeysPresence()
+        self._used_at: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
         self._ranks = QueueRanks(self._queued_lines, max_age_s=position_max_age_s)
         self._pool = self._new_pool()
         try:
@@ -252,13 +255,23 @@ class PostgresJobStore:
                 # of a few fixed texts, run again and again (a status poll, a claim).
                 "prepare_threshold": PREPARE_THRESHOLD,
             },
-            check=ConnectionPool.check_connection,
+            check=self._check_if_idle,
             timeout=self._acquire_timeout_s,
             name="kontext-job-store",
             open=False,
         )
         pool.open()
         return pool
+
+    def _check_if_idle(self, conn: Connection) -> None:
+        """The pool's check before lending a connection: a round trip (an empty query), so
+        only for a connection idle for ``CHECK_IDLE_S``; one in use a moment ago is lent as
+        is (a status poll is then one round trip, not two). If the server went away within
+        that moment, the call fails with ``StoreError`` and the pool is replaced as after
+        any lost connection."""
+        used_at = self._used_at.get(conn)
+        if used_at is None or time.monotonic() - used_at > CHECK_IDLE_S:
+            ConnectionPool.check_connection(conn)
 
     def _unavailable(self, exc: BaseException) -> StoreError:
         return StoreError(
@@ -290,6 +303,7 @@ class PostgresJobStore:
         try:
             with pool.connection() as conn:
                 yield conn
+                self._used_at[conn] = time.monotonic()
         except psycopg.OperationalError as exc:
             self._pool_suspect = True
             raise self._unavailable(exc) from exc
