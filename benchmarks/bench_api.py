@@ -305,12 +305,13 @@ def kontext_app(data_dir: Path) -> Any:
     """This server as ``kontext-server serve`` builds it, over the job store named in
     ``data_dir/store-url`` and local files in ``data_dir``, with the per-key queue limit
     raised to ``MAX_QUEUED_PER_KEY``."""
-    from kontext_server.http.app import create_app
+    from kontext_server.http.app import create_app, tune_threads_for
 
     settings = Settings(
         data_dir=data_dir, store=_child_store_url(data_dir), max_queued_per_key=MAX_QUEUED_PER_KEY
     )
     store = open_configured_store(settings)
+    tune_threads_for(store)
     return create_app(settings, store, LocalFileStore(data_dir / "files"), freeze_heap=True)
 
 
