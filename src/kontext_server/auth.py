@@ -190,6 +190,16 @@ class Authenticator:
             raise AuthError(401, "Invalid API key: it is unknown or has been revoked")
         return Principal(owner=api_key.id)
 
+    def authenticate_from_cache(
+        self, authorization: str | None, client_host: str | None
+    ) -> Principal | None:
+        """``authenticate`` when it needs no store call (no key exists, and the store's
+        cached answer says so), else ``None``: the caller then calls ``authenticate``
+        (off the event loop where the store waits on the network)."""
+        if self._store.known_has_api_keys() is not False:
+            return None
+        return self._without_keys(client_host)
+
     def _without_keys(self, client_host: str | None) -> Principal:
         if self._insecure_no_auth or is_loopback_client(client_host):
             return Principal(owner=None)

@@ -19,9 +19,13 @@ Where the flush runs depends on the store (``JobStore.waits_on_network``):
 
 * SQLite: on the event loop, as the single submits did before (docs/performance.md: a
   thread-pool hop per submit cost more than the insert).
-* PostgreSQL: in the loop's default executor, one flush at a time per loop; the loop goes
-  on serving while it waits for the database, and the submits that arrive meanwhile form
-  the next batch, started as soon as this one is answered.
+* PostgreSQL: in the loop's default executor, up to ``FLUSHES_AWAY`` flushes at a time per
+  loop; the loop goes on serving while it waits for the database. The submits that arrive
+  while a flush is away form the next batch, sent at once while fewer than
+  ``FLUSHES_AWAY`` are away, else as soon as one is answered. A commit waits for its WAL
+  flush (milliseconds with fsync on), and PostgreSQL flushes the WAL of commits that wait
+  together once: a second batch in flight shares the first one's wait instead of queuing
+  behind it.
 
 Each event loop has its own parked submits (an app may be served by several loops at once,
 e.g. test clients in two threads); a loop stopped with submits parked strands only those.
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 # Jobs per transaction at most (a longer queue of parked submits commits in several): bounds
 # how long one flush holds the loop and the database's write lock.
 MAX_BATCH = 128
+FLUSHES_AWAY = 2  # batches in the database at once per loop, for a store off the loop
 
 _Parked = tuple[NewJob, "asyncio.Future[Submitted]"]
 _Outcome = Submitted | Exception  # what one caller is answered
@@ -60,14 +65,19 @@ class _LoopBatches:
     """One event loop's parked submits, and whether a flush of it is away in a thread."""
 
     parked: list[_Parked] = field(default_factory=list)
-    flushing: bool = False
+    away: int = 0  # flushes in the executor now
 
 
 class GroupCommit:
     """Batches ``JobStore.submit_many`` calls made on an event loop."""
 
     def __init__(
-        self, store: JobStore, *, admit: Admission | None = None, max_batch: int = MAX_BATCH
+        self,
+        store: JobStore,
+        *,
+        admit: Admission | None = None,
+        max_batch: int = MAX_BATCH,
+        flushes_away: int = FLUSHES_AWAY,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1; got {max_batch}")
@@ -75,6 +85,7 @@ class GroupCommit:
         self._admit = admit
         self._max_batch = max_batch
         self._off_loop = store.waits_on_network
+        self._flushes_away = flushes_away
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatches] = (
             weakref.WeakKeyDictionary()
         )
@@ -86,7 +97,7 @@ class GroupCommit:
         batches = self._loops.setdefault(loop, _LoopBatches())
         future: asyncio.Future[Submitted] = loop.create_future()
         batches.parked.append((job, future))
-        if len(batches.parked) == 1 and not batches.flushing:
+        if len(batches.parked) == 1 and batches.away < self._flushes_away:
             loop.call_soon(self._flush, loop, batches)
         return await future
 
@@ -99,6 +110,8 @@ class GroupCommit:
         return outcome
 
     def _flush(self, loop: asyncio.AbstractEventLoop, batches: _LoopBatches) -> None:
+        if not batches.parked or (self._off_loop and batches.away >= self._flushes_away):
+            return  # taken by an earlier flush, or sent when a flush away is answered
         parked, batches.parked = batches.parked, []
         chunks = [
             parked[start : start + self._max_batch]
@@ -115,7 +128,7 @@ class GroupCommit:
             for chunk in chunks:
                 _deliver(chunk, [exc] * len(chunk))
             return
-        batches.flushing = True
+        batches.away += 1
         away.add_done_callback(functools.partial(self._flushed, loop, batches, chunks))
 
     def _flushed(
@@ -125,7 +138,7 @@ class GroupCommit:
         chunks: list[list[_Parked]],
         away: asyncio.Future[list[list[_Outcome]]],
     ) -> None:
-        batches.flushing = False
+        batches.away -= 1
         try:
             answered = away.result()
         except Exception as exc:  # the executor refused the work (the loop is shutting down)

@@ -235,7 +235,7 @@ class QueueService:
 
     def queue_position(self, job: Job) -> int:
         """Queued jobs ahead of ``job`` (0 when it is not queued any more)."""
-        return self.store.queue_position(job.id) or 0
+        return self.store.queue_position_of(job) or 0
 
     def cancel(self, job_id: str, owner: str | None = None) -> CancelOutcome:
         """Queued: canceled at once. Running: the worker stops within one step."""

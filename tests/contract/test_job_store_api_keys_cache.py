@@ -43,3 +43,19 @@ def test_the_answer_is_trusted_for_the_cache_time(open_store: Callable[[], JobSt
     assert not serving.has_api_keys()
     cli.create_api_key("key-1", "ci", "hash-1")
     assert not serving.has_api_keys()  # within API_KEYS_CACHE_S (1 s) of the first answer
+
+
+def test_the_known_answer_is_the_cached_one_and_none_once_it_is_stale(
+    open_store: Callable[[], JobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(common, "API_KEYS_CACHE_S", 0.05)
+    serving = open_store()
+    assert serving.known_has_api_keys() is None  # never asked: a store call is needed
+    assert not serving.has_api_keys()
+    assert serving.known_has_api_keys() is False
+    serving.create_api_key("key-1", "ci", "hash-1")
+    assert serving.known_has_api_keys() is None  # forgotten: the next answer asks
+    assert serving.has_api_keys()
+    assert serving.known_has_api_keys() is True
+    time.sleep(0.06)
+    assert serving.known_has_api_keys() is None

@@ -90,7 +90,7 @@ def test_a_store_on_the_network_is_called_off_the_event_loop(
 
     loop_threads = _serve(settings, recording, files, signer, headers)
 
-    called = ["has_api_keys", "submit_many", "queue_depth", "get", "queue_position"]
+    called = ["has_api_keys", "submit_many", "queue_depth", "get", "queue_position_of"]
     if with_key:
         called.append("find_api_key")
     for name in called:
@@ -105,5 +105,5 @@ def test_a_local_store_is_called_on_the_event_loop(
 
     loop_threads = _serve(settings, recording, files, signer, {})
 
-    for name in ["has_api_keys", "submit_many", "queue_depth", "get", "queue_position"]:
+    for name in ["has_api_keys", "submit_many", "queue_depth", "get", "queue_position_of"]:
         assert recording.threads[name] == loop_threads, name

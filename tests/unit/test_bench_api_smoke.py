@@ -129,3 +129,26 @@ def test_postgres_phases_use_their_own_databases(pg_run: tuple[dict[str, Any], P
     assert figures["submit_to_running"]["samples"] == 2
     assert figures["job_overhead"]["jobs"] == 2
     assert _bench_databases(cluster) == []  # every phase's database was dropped
+
+
+# --- both stores in one run, side by side ---------------------------------------------------------
+def test_one_run_reports_each_store_side_by_side_with_the_load(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    stores = ["--store", "sqlite", "--store", pg_cluster.dsn("postgres")]
+    result = CliRunner().invoke(app, [*TINY_RUN, "--dir", str(tmp_path), *stores])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+
+    assert set(figures["stores"]) == {"sqlite", "postgresql"}
+    for name, run in figures["stores"].items():
+        assert run["environment"]["store"] == name
+        assert {"load_average_1m", "load_average_1m_at_end"} <= set(run["environment"])
+    assert {row["metric"] for row in figures["side_by_side"]} == TARGET_METRICS
+    for row in figures["side_by_side"]:
+        for name in ("sqlite", "postgresql"):
+            assert isinstance(row[name]["passed"], bool)
+    assert {"load_average_1m", "load_average_1m_at_end"} <= set(figures["environment"])
+    assert figures["all_targets_met"] == all(
+        r["all_targets_met"] for r in figures["stores"].values()
+    )

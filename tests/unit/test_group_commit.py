@@ -389,7 +389,7 @@ def test_submits_arriving_while_a_batch_is_away_form_the_next_batch(
 ) -> None:
     store = NetworkStore(sqlite_store)
     store.hold_first.clear()
-    group = GroupCommit(cast(JobStore, store))
+    group = GroupCommit(cast(JobStore, store), flushes_away=1)
     first, later = [new_job() for _ in range(2)], [new_job() for _ in range(5)]
 
     async def while_away() -> list[Any]:
@@ -406,6 +406,26 @@ def test_submits_arriving_while_a_batch_is_away_form_the_next_batch(
     assert store.batch_sizes() == [2, 5]
     assert [answer.job.id for answer in answers] == [job.id for job in first + later]
     assert [answer.queue_position for answer in answers] == list(range(7))
+
+
+def test_a_second_batch_goes_while_the_first_is_away(sqlite_store: SQLiteJobStore) -> None:
+    store = NetworkStore(sqlite_store)
+    store.hold_first.clear()
+    group = GroupCommit(cast(JobStore, store), flushes_away=2)
+    first, second = [new_job() for _ in range(2)], [new_job() for _ in range(3)]
+
+    async def while_away() -> list[Any]:
+        away = asyncio.ensure_future(submit_together(group, first))
+        await asyncio.to_thread(store.first_started.wait, TIMEOUT_S)
+        sent = await submit_together(group, second)  # answered while the first is held
+        assert not away.done()
+        store.hold_first.set()
+        return [*(await away), *sent]
+
+    answers = run(while_away())
+
+    assert store.batch_sizes() == [3, 2]  # as committed: the held first one after the second
+    assert [answer.job.id for answer in answers] == [job.id for job in first + second]
 
 
 def test_a_refusal_from_a_thread_reaches_only_its_caller(sqlite_store: SQLiteJobStore) -> None:

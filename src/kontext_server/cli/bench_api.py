@@ -7,6 +7,7 @@ process; it starts the servers under test as child processes of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -74,20 +75,24 @@ def bench_api(
         Path | None, typer.Option("--dir", help="Where the temporary folders go.")
     ] = None,
     store: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--store",
             metavar="URL",
             help="A PostgreSQL server (postgresql://...): each phase gets a fresh database"
-            " on it, dropped afterwards. Default: SQLite files in the temporary folder.",
+            " on it, dropped afterwards; or 'sqlite' (the default): SQLite files in the"
+            " temporary folder. Give it once per store to run each in turn and report"
+            " them side by side.",
         ),
     ] = None,
     strict: Annotated[bool, typer.Option(help="Exit 1 when a target is missed.")] = False,
 ) -> None:
     """Measure the API and the queue on loopback; print every figure as JSON."""
     module = _load(find_benchmark())
+    stores: list[str | None] = list(store) if store else [None]
     try:
-        module.check_store_option(store)
+        for one in stores:
+            module.check_store_option(one)
     except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="--store") from error
     options = module.BenchOptions(
@@ -103,9 +108,12 @@ def bench_api(
         overhead_jobs=overhead_jobs,
         image_side_px=image_side_px,
         folder=folder,
-        store=store,
     )
-    figures: dict[str, Any] = module.run(options)
+    figures: dict[str, Any]
+    if len(stores) == 1:
+        figures = module.run(dataclasses.replace(options, store=stores[0]))
+    else:
+        figures = module.run_stores(options, [module.store_of(one) for one in stores])
     typer.echo(json.dumps(figures, indent=2))
     if strict and not figures["all_targets_met"]:
         raise typer.Exit(code=1)

@@ -119,7 +119,7 @@ def run_server(
     from prometheus_client.multiprocess import mark_process_dead
 
     from kontext_server.files import open_file_store
-    from kontext_server.http.app import create_app
+    from kontext_server.http.app import create_app, tune_threads_for
     from kontext_server.store import open_configured_store
     from kontext_server.supervisor import WorkerSupervisor, visible_gpus, worker_specs
     from kontext_server.webhooks.signing import WebhookSigner
@@ -127,6 +127,7 @@ def run_server(
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_configured_store(settings)  # creates the schema before any worker starts
+    tune_threads_for(store)
     if not is_loopback_host(settings.host) and not store.has_api_keys():
         if not settings.insecure_no_auth:
             raise typer.BadParameter(

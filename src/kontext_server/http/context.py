@@ -58,8 +58,12 @@ Context = Annotated[ApiContext, Depends(api_context)]
 async def caller(request: Request, context: Context) -> Principal:
     """Authenticates the request (raises ``AuthError``, answered 401/403)."""
     client_host = request.client.host if request.client else None
+    authorization = request.headers.get("authorization")
+    known = context.authenticator.authenticate_from_cache(authorization, client_host)
+    if known is not None:  # no store call needed: no thread hop either
+        return known
     authenticate = context.authenticator.authenticate
-    return await context.store_call(authenticate, request.headers.get("authorization"), client_host)
+    return await context.store_call(authenticate, authorization, client_host)
 
 
 Caller = Annotated[Principal, Depends(caller)]

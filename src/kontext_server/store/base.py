@@ -18,7 +18,11 @@ Rules every backend keeps:
   told so by a ``False`` return.
 * Reaching a final status with a ``webhook_url`` enqueues one outbox row in the same
   transaction.
-* ``queue_position`` counts queued jobs ahead by (priority, seq) using an index.
+* ``queue_position`` counts queued jobs ahead by (priority, seq); the answer comes from an
+  in-memory picture of the queue (``queue_ranks.QueueRanks``) whose cost does not grow with
+  the queue. It is exact where only this store object changed the queue (the conformance
+  suite's still queues) and at most ``position_max_age_s`` plus one reload behind other
+  processes' changes (fal's position is a hint).
 * Engines (``Job.engine``, docs/bfl-engine.md): each engine is its own queue line. ``claim``
   takes only its engine's jobs, and ``queue_position`` counts only queued jobs of the same
   engine (jobs of another engine are run by other workers and do not delay this one).
@@ -73,7 +77,14 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None: ...
 
     def queue_position(self, job_id: str) -> int | None:
-        """Queued jobs ahead of this one; ``None`` unless it is queued."""
+        """Queued jobs ahead of this one; ``None`` unless it is queued. Served from memory
+        (``queue_ranks.py``): exact for this store object's own changes, and reflecting other
+        processes' within ``position_max_age_s`` (1 s) plus one reload of the queue."""
+        ...
+
+    def queue_position_of(self, job: Job) -> int | None:
+        """``queue_position`` of a job just read (``get``), without reading it again: no
+        round trip. ``None`` unless ``job.status`` is queued."""
         ...
 
     def queue_depth(self) -> int: ...
@@ -188,6 +199,11 @@ class JobStore(Protocol):
     def list_api_keys(self) -> list[ApiKey]: ...
 
     def revoke_api_key(self, key_id: str) -> bool: ...
+
+    def known_has_api_keys(self) -> bool | None:
+        """``has_api_keys``' answer if it is known without asking the database (cached),
+        else ``None``: lets authentication skip a thread hop when it needs no I/O."""
+        ...
 
     def has_api_keys(self) -> bool:
         """True when at least one active key exists (authentication on)."""

@@ -52,6 +52,13 @@ class KeysPresence:
         self._known = (now, answer)
         return answer
 
+    def known(self) -> bool | None:
+        """The answer while it is trusted, else ``None`` (``answer`` would ask)."""
+        known = self._known
+        if known is None or time.monotonic() - known[0] >= API_KEYS_CACHE_S:
+            return None
+        return known[1]
+
     def forget(self) -> None:
         self._known = None
 

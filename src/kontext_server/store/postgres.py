@@ -24,8 +24,11 @@ The same tables, state machine and fencing as ``SQLiteJobStore``; PostgreSQL spe
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import weakref
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -72,6 +75,7 @@ from kontext_server.store.postgres_schema import (
     NOTIFY_CHANNEL,
     SCHEMA_VERSION,
 )
+from kontext_server.store.queue_ranks import DEFAULT_MAX_AGE_S, QueueRanks
 
 __all__ = ["PostgresJobStore"]
 
@@ -80,10 +84,22 @@ Connection = psycopg.Connection[DictRow]
 CONNECT_TIMEOUT_S = 5
 PROBE_TIMEOUT_S = 2  # connecting to see whether the server is back (libpq's smallest timeout)
 _ACQUIRE_SLICE_S = 0.1  # waiting for a pooled connection: how often to look for an outage
+CHECK_IDLE_S = 1.0  # a pooled connection idle longer is checked (a round trip) before use
+_ARRAY_SLICE = 8 * 32_768  # bytes of seqs converted per GIL hold (32k jobs)
+PREPARE_THRESHOLD = 1  # psycopg prepares a statement on its second run on a connection
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
-_AHEAD_OF_INSERTED = (
-    "(SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
-    " AND q.engine = i.engine AND (q.priority, q.seq) < (i.priority, i.seq))"
+# The notification is sent when (and only if) the insert commits. ``RETURNING *``: the row as
+# stored (seq, defaults). No queue position here: ``QueueRanks`` answers it from memory.
+_INSERT_JOB_SQL = (
+    "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
+    " max_attempts, input, start_deadline_at, webhook_url, base_url,"
+    " idempotency_key, retention_s, created_at, engine) VALUES (%(id)s, %(owner)s,"
+    " %(endpoint)s, %(priority)s, 'queued', %(max_attempts)s, %(input)s,"
+    " %(start_deadline_at)s, %(webhook_url)s, %(base_url)s,"
+    " %(idempotency_key)s, %(retention_s)s, %(now)s, %(engine)s)"
+    " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
+    f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted AS i"
 )
 _QUEUE_POSITION_SQL = (
     "SELECT (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
@@ -106,15 +122,31 @@ def _closing(update: str) -> str:
     """``update`` (an ``UPDATE jobs ...`` to a final status, without ``RETURNING``) plus what
     every move to a final status does, in the same statement: the closing event
     (``%(level)s``, ``%(message)s``) and, with a webhook URL, one outbox row. Returns the
-    ids of the jobs it closed."""
+    ids (and engine, priority, seq) of the jobs it closed."""
     return (
-        f"WITH done AS ({update} RETURNING id, webhook_url),"
+        f"WITH done AS ({update} RETURNING id, webhook_url, engine, priority, seq),"
         " closing_events AS (INSERT INTO job_events (job_id, at, level, message)"
         "   SELECT id, %(now)s, %(level)s, %(message)s FROM done),"
         " hooks AS (INSERT INTO webhook_outbox (job_id, url, next_attempt_at, created_at)"
         "   SELECT id, webhook_url, %(now)s, %(now)s FROM done WHERE webhook_url IS NOT NULL)"
-        " SELECT id FROM done"
+        " SELECT id, engine, priority, seq FROM done"
     )
+
+
+def _int8_array(big_endian: bytes) -> array[int]:
+    """8-byte big-endian signed integers (PostgreSQL's ``int8send``) as an ``array``, in
+    slices of ``_ARRAY_SLICE`` bytes with a GIL release between them: 1M jobs are 8 MB, and
+    one copy and byte swap of it would hold the GIL for milliseconds, stalling the threads
+    that answer polls meanwhile."""
+    seqs = array("q")
+    for start in range(0, len(big_endian), _ARRAY_SLICE):
+        part = array("q")
+        part.frombytes(memoryview(big_endian)[start : start + _ARRAY_SLICE])
+        if sys.byteorder == "little":
+            part.byteswap()
+        seqs.extend(part)
+        time.sleep(0)  # let a waiting thread have the GIL
+    return seqs
 
 
 def _job_from_row(row: DictRow) -> Job:
@@ -196,6 +228,7 @@ class PostgresJobStore:
         pool_max: int = 10,
         default_retention_s: float = DEFAULT_RETENTION_S,
         acquire_timeout_s: float = 5.0,
+        position_max_age_s: float = DEFAULT_MAX_AGE_S,
     ) -> None:
         if pool_max < 1:
             raise StoreError(f"pool_max must be at least 1, not {pool_max}")
@@ -214,6 +247,8 @@ class PostgresJobStore:
         self._next_probe_at = 0.0  # time.monotonic(); no probe before this
         self._last_failure: BaseException = StoreError("not connected yet")
         self._keys_presence = KeysPresence()
+        self._used_at: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
+        self._ranks = QueueRanks(self._queued_lines, max_age_s=position_max_age_s)
         self._pool = self._new_pool()
         try:
             self._migrate()
@@ -231,6 +266,9 @@ class PostgresJobStore:
                 "autocommit": True,
                 "row_factory": dict_row,
                 "connect_timeout": CONNECT_TIMEOUT_S,
+                # Server-side prepared from the first repeat: every statement here is one
+                # of a few fixed texts, run again and again (a status poll, a claim).
+                "prepare_threshold": PREPARE_THRESHOLD,
             },
             timeout=self._acquire_timeout_s,
             name="kontext-job-store",
@@ -291,7 +329,13 @@ class PostgresJobStore:
             pool = self._healthy_pool()
             conn = self._getconn(pool)
             try:
-                ConnectionPool.check_connection(conn)
+                # A round trip (an empty query) only for a connection idle for CHECK_IDLE_S:
+                # one in use a moment ago is lent as is (a status poll is one round trip, not
+                # two). If the server went away within that moment, the call itself fails and
+                # the pool is marked suspect as after any lost connection.
+                used_at = self._used_at.get(conn)
+                if used_at is None or time.monotonic() - used_at > CHECK_IDLE_S:
+                    ConnectionPool.check_connection(conn)
             except psycopg.Error as exc:
                 pool.putconn(conn)  # a broken connection is discarded, not reused
                 self._mark_suspect(exc)
@@ -328,6 +372,7 @@ class PostgresJobStore:
         pool, conn = self._acquire()
         try:
             yield conn
+            self._used_at[conn] = time.monotonic()
         except psycopg.OperationalError as exc:
             self._mark_suspect(exc)
             raise self._unavailable(exc) from exc
@@ -339,6 +384,17 @@ class PostgresJobStore:
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
         with self._connection() as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def _hint_transaction(self) -> Iterator[Connection]:
+        """A transaction for hints (progress, log lines), sent in one round trip (pipeline)
+        and committed without waiting for its WAL flush (``synchronous_commit`` off for it
+        alone). Visible at once like any commit; a crash of PostgreSQL itself may lose the
+        last fraction of a second of them (up to 3 x ``wal_writer_delay``), never a job's
+        status, which keeps durable commits. Read results after the block."""
+        with self._connection() as conn, conn.pipeline(), conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit TO off")
             yield conn
 
     def _fetchone(self, query: str, params: Any = None) -> DictRow | None:
@@ -388,28 +444,49 @@ class PostgresJobStore:
         """Close the pool and the listening connection; the store cannot be used afterwards."""
         with self._pool_lock:
             self._closed = True
+        self._ranks.close()
         with self._listen_lock:
             self._drop_listener()
         self._pool.close()
 
     # --- API side ---------------------------------------------------------------------------------
     def submit(self, job: NewJob) -> tuple[Job, bool]:
-        # No queue position: counting the line costs ~8 ms with 100k queued (docs/performance.md)
         with self._connection() as conn:
-            done = self._submit_one(conn, job, with_position=False)
+            (row,) = self._insert_all(conn, [job])
+            done = self._submitted(conn, job, row, with_position=False)
+        self._note_submitted([done])
         return done.job, done.created
 
     def submit_many(self, jobs: Sequence[NewJob]) -> list[Submitted]:
+        """One round trip for the batch's inserts (pipeline mode), in one transaction (one
+        commit: one WAL flush). Positions come from ``QueueRanks`` (no count of the line)."""
+        if not jobs:
+            return []
+        self._ranks.prepare()  # its picture must predate these inserts
         if len(jobs) == 1:  # one statement in autocommit: one round trip
             with self._connection() as conn:
-                return [self._submit_one(conn, jobs[0])]
-        with self._transaction() as conn:
-            return [self._submit_one(conn, job) for job in jobs]
+                (row,) = self._insert_all(conn, jobs)
+                done = [self._submitted(conn, jobs[0], row)]
+        else:
+            with self._transaction() as conn:
+                rows = self._insert_all(conn, jobs)
+                pairs = zip(jobs, rows, strict=True)
+                done = [self._submitted(conn, job, row) for job, row in pairs]
+        # In order: each job's position counts the jobs noted before it, not those after.
+        created = [one.job for one in done if one.created]
+        ahead = iter(self._ranks.queued_positions((j.engine, j.priority, j.seq) for j in created))
+        return [Submitted(one.job, True, next(ahead)) if one.created else one for one in done]
 
-    def _submit_one(
-        self, conn: Connection, job: NewJob, *, with_position: bool = True
-    ) -> Submitted:
-        params = {
+    def _insert_all(self, conn: Connection, jobs: Sequence[NewJob]) -> list[DictRow | None]:
+        """Each job's inserted row, or ``None`` where its idempotency key was taken."""
+        if len(jobs) == 1:
+            return [conn.execute(_INSERT_JOB_SQL, self._insert_params(jobs[0])).fetchone()]
+        with conn.pipeline():
+            cursors = [conn.execute(_INSERT_JOB_SQL, self._insert_params(job)) for job in jobs]
+        return [cursor.fetchone() for cursor in cursors]
+
+    def _insert_params(self, job: NewJob) -> dict[str, Any]:
+        return {
             "id": job.id,
             "owner": job.owner,
             "endpoint": job.endpoint,
@@ -424,42 +501,38 @@ class PostgresJobStore:
             "now": self._clock(),
             "engine": job.engine,
         }
-        ahead_sql = _AHEAD_OF_INSERTED if with_position else "0"
+
+    def _submitted(
+        self, conn: Connection, job: NewJob, row: DictRow | None, *, with_position: bool = True
+    ) -> Submitted:
+        """The outcome of one insert (position still 0); an idempotency conflict reads the
+        earlier job, or inserts again if that one was purged meanwhile."""
+        if row is not None:
+            return Submitted(_job_from_row(row), True, 0)
+        return self._submit_one(conn, job, with_position=with_position)
+
+    def _note_submitted(self, done: Sequence[Submitted]) -> None:
+        for one in done:
+            if one.created:
+                self._ranks.note_queued(one.job.engine, one.job.priority, one.job.seq)
+
+    def _submit_one(
+        self, conn: Connection, job: NewJob, *, with_position: bool = True
+    ) -> Submitted:
+        """After an idempotency conflict: the earlier job (with its position), or, if it was
+        purged in between (a very old key), a new insert."""
         for _ in range(_SUBMIT_TRIES):
-            try:
-                # The notification is sent when (and only if) the insert commits. The count
-                # runs on the statement's snapshot, which does not hold the new row: it counts
-                # the queued jobs ahead of it (earlier statements of the batch included).
-                row = conn.execute(
-                    "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
-                    " max_attempts, input, start_deadline_at, webhook_url, base_url,"
-                    " idempotency_key, retention_s, created_at, engine) VALUES (%(id)s, %(owner)s,"
-                    " %(endpoint)s, %(priority)s, 'queued', %(max_attempts)s, %(input)s,"
-                    " %(start_deadline_at)s, %(webhook_url)s, %(base_url)s,"
-                    " %(idempotency_key)s, %(retention_s)s, %(now)s, %(engine)s)"
-                    " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
-                    " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
-                    f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', ''), {ahead_sql} AS ahead"
-                    " FROM inserted AS i",
-                    params,
-                ).fetchone()
-            except pg_errors.UniqueViolation as exc:
-                raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
-            if row is not None:
-                return Submitted(_job_from_row(row), True, int(row["ahead"]))
             existing = conn.execute(
                 "SELECT * FROM jobs WHERE coalesce(owner, '') = %s AND idempotency_key = %s",
                 (job.owner or "", job.idempotency_key),
             ).fetchone()
             if existing is not None:
                 found = _job_from_row(existing)
-                counted = (
-                    conn.execute(_QUEUE_POSITION_SQL, (found.id,)).fetchone()
-                    if with_position
-                    else None
-                )
-                return Submitted(found, False, 0 if counted is None else int(counted["ahead"]))
-            # the conflicting job was purged in between (a very old key): insert again
+                ahead = self.queue_position_of(found) if with_position else None
+                return Submitted(found, False, ahead or 0)
+            row = conn.execute(_INSERT_JOB_SQL, self._insert_params(job)).fetchone()
+            if row is not None:
+                return Submitted(_job_from_row(row), True, 0)
         raise StoreError(f"cannot insert job {job.id!r}: its idempotency key kept conflicting")
 
     def get(self, job_id: str) -> Job | None:
@@ -467,14 +540,49 @@ class PostgresJobStore:
         return None if row is None else _job_from_row(row)
 
     def queue_position(self, job_id: str) -> int | None:
-        """Queued jobs of the same engine ahead by (priority, seq): one range count on the
-        partial queue index."""
+        """Queued jobs of the same engine ahead by (priority, seq), from ``QueueRanks``: one
+        read of the job, then binary searches in memory, whatever the depth. Exact for this
+        process's own changes; other processes' are seen within ``position_max_age_s`` plus
+        one reload (``queue_ranks.py``)."""
+        row = self._fetchone(
+            "SELECT status, engine, priority, seq FROM jobs WHERE id = %s", (job_id,)
+        )
+        if row is None or row["status"] != JobStatus.QUEUED.value:
+            return None
+        return self._ranks.position(row["engine"], row["priority"], row["seq"])
+
+    def queue_position_of(self, job: Job) -> int | None:
+        if job.status is not JobStatus.QUEUED:
+            return None
+        return self._ranks.position(job.engine, job.priority, job.seq)
+
+    def queue_position_counted(self, job_id: str) -> int | None:
+        """``queue_position`` counted in the table now (one range count: its cost grows with
+        the line); for tests and diagnostics."""
         row = self._fetchone(_QUEUE_POSITION_SQL, (job_id,))
         return None if row is None else int(row["ahead"])
 
+    def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
+        """Every queued job's seq, by line (``QueueRanks``' loader): one statement, each
+        line's seqs as one string of 8-byte big-endian integers, in binary (no hex to
+        decode), turned into an array in C (a Python int per job would hold the GIL ~10 ms
+        per 100k jobs)."""
+        with self._connection() as conn:
+            rows = (
+                conn.cursor(binary=True)
+                .execute(
+                    "SELECT engine, priority,"
+                    " string_agg(int8send(seq), ''::bytea ORDER BY seq) AS seqs"
+                    " FROM jobs WHERE status = 'queued' GROUP BY engine, priority"
+                )
+                .fetchall()
+            )
+        return [(row["engine"], row["priority"], _int8_array(row["seqs"])) for row in rows]
+
     def queue_depth(self) -> int:
-        row = self._fetchone("SELECT count(*) AS n FROM jobs WHERE status = 'queued'")
-        return 0 if row is None else int(row["n"])
+        """From ``QueueRanks`` (no count of the table: submit's queue limits ask it for every
+        batch), with the freshness of a position."""
+        return self._ranks.depth()
 
     def count_queued(self, owner: str | None) -> int:
         # Two spellings, because IS NOT DISTINCT FROM cannot use the owner index.
@@ -519,18 +627,23 @@ class PostgresJobStore:
                 return CancelOutcome.ALREADY_FINISHED
             now = self._clock()
             if status is JobStatus.QUEUED:
-                conn.execute(
+                left = conn.execute(
                     _closing(
                         "UPDATE jobs SET status = 'canceled', cancel_requested = true,"
                         f" error = %(error)s, error_type = %(error_type)s, {_FINAL_COLUMNS}"
                         " WHERE id = %(job_id)s"
                     ),
                     self._closing_params(now, "WARN", "canceled", job_id=job_id),
-                )
-                return CancelOutcome.CANCELED
-            conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
-            self._insert_event(conn, job_id, now, "WARN", "cancellation requested")
+                ).fetchall()
+                canceled = True
+            else:
+                conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
+                self._insert_event(conn, job_id, now, "WARN", "cancellation requested")
+                canceled = False
+        if not canceled:
             return CancelOutcome.REQUESTED
+        self._note(False, left)
+        return CancelOutcome.CANCELED
 
     def _closing_params(self, now: float, level: str, message: str, **more: Any) -> dict[str, Any]:
         return {
@@ -556,7 +669,7 @@ class PostgresJobStore:
         starts a job past its start deadline: those are failed with ``request_timeout``."""
         now = self._clock()
         with self._connection() as conn:
-            self._expire_unstarted(conn, now)
+            expired = self._expire_unstarted(conn, now)
             row = conn.execute(
                 "WITH claimed AS (UPDATE jobs SET status = 'running', attempts = attempts + 1,"
                 " lease_owner = %(worker_id)s, lease_until = %(lease_until)s,"
@@ -577,6 +690,7 @@ class PostgresJobStore:
                     "engine": engine,
                 },
             ).fetchone()
+        self._note(False, expired if row is None else [*expired, row])
         return None if row is None else _job_from_row(row)
 
     def peek_queued(self, limit: int, *, engine: str = "local") -> list[Job]:
@@ -661,12 +775,15 @@ class PostgresJobStore:
             released = conn.execute(
                 "WITH released AS (UPDATE jobs SET status = 'queued', attempts = attempts - 1,"
                 " lease_owner = NULL, lease_until = NULL, started_at = NULL,"
-                f" progress_step = NULL, progress_total = NULL WHERE {_FENCE} RETURNING id),"
+                f" progress_step = NULL, progress_total = NULL WHERE {_FENCE}"
+                " RETURNING id, engine, priority, seq),"
                 " logged AS (INSERT INTO job_events (job_id, at, level, message)"
                 "   SELECT id, %(now)s, 'WARN', %(message)s FROM released)"
-                f" SELECT id, pg_notify('{NOTIFY_CHANNEL}', '') FROM released",
+                " SELECT id, engine, priority, seq,"
+                f" pg_notify('{NOTIFY_CHANNEL}', '') FROM released",
                 {**fence, "now": now, "message": RELEASED_EVENT},
             ).fetchall()
+        self._note(True, released)
         return len(released) == 1
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
@@ -705,31 +822,35 @@ class PostgresJobStore:
         return row is not None and bool(row["cancel_requested"])
 
     def set_progress(self, job_id: str, worker_id: str, attempt: int, progress: Progress) -> bool:
-        rows = self._fetchall(
-            "WITH moved AS (UPDATE jobs SET progress_step = %(step)s,"
-            f" progress_total = %(total)s WHERE {_FENCE} RETURNING id)"
-            " INSERT INTO job_events (job_id, at, level, message, data)"
-            " SELECT id, %(now)s, 'INFO', %(message)s, %(data)s FROM moved RETURNING id",
-            {
-                "step": progress.step,
-                "total": progress.total,
-                "job_id": job_id,
-                "worker_id": worker_id,
-                "attempt": attempt,
-                "now": self._clock(),
-                "message": f"step {progress.step}/{progress.total}",
-                "data": Jsonb({"step": progress.step, "total": progress.total}),
-            },
-        )
-        return len(rows) == 1
+        """Fenced; a hint, committed without waiting for the WAL flush
+        (``_hint_transaction``)."""
+        with self._hint_transaction() as conn:
+            cursor = conn.execute(
+                "WITH moved AS (UPDATE jobs SET progress_step = %(step)s,"
+                f" progress_total = %(total)s WHERE {_FENCE} RETURNING id)"
+                " INSERT INTO job_events (job_id, at, level, message, data)"
+                " SELECT id, %(now)s, 'INFO', %(message)s, %(data)s FROM moved RETURNING id",
+                {
+                    "step": progress.step,
+                    "total": progress.total,
+                    "job_id": job_id,
+                    "worker_id": worker_id,
+                    "attempt": attempt,
+                    "now": self._clock(),
+                    "message": f"step {progress.step}/{progress.total}",
+                    "data": Jsonb({"step": progress.step, "total": progress.total}),
+                },
+            )
+        return len(cursor.fetchall()) == 1
 
     def add_event(
         self, job_id: str, message: str, level: str = "INFO", data: dict[str, Any] | None = None
     ) -> None:
-        """Append a log line (not fenced). Raises ``StoreError`` for an unknown job."""
-        with self._connection() as conn:
-            added = self._insert_event(conn, job_id, self._clock(), level, message, data)
-        if not added:
+        """Append a log line (not fenced), committed without waiting for the WAL flush
+        (``_hint_transaction``). Raises ``StoreError`` for an unknown job."""
+        with self._hint_transaction() as conn:
+            cursor = self._event_insert(conn, job_id, self._clock(), level, message, data)
+        if cursor.fetchone() is None:
             raise StoreError(f"cannot add an event to unknown job {job_id!r}")
 
     def finish(
@@ -805,22 +926,34 @@ class PostgresJobStore:
                 "WITH requeued AS (UPDATE jobs SET status = 'queued', lease_owner = NULL,"
                 " lease_until = NULL, started_at = NULL, progress_step = NULL,"
                 " progress_total = NULL"
-                f" WHERE {expired.format(condition='NOT cancel_requested')} RETURNING id),"
+                f" WHERE {expired.format(condition='NOT cancel_requested')}"
+                " RETURNING id, engine, priority, seq),"
                 " logged AS (INSERT INTO job_events (job_id, at, level, message)"
                 "   SELECT id, %(now)s, 'WARN', 'worker lost; retrying' FROM requeued)"
-                " SELECT id FROM requeued",
+                " SELECT id, engine, priority, seq FROM requeued",
                 {"now": now},
             ).fetchall()
             if requeued:
                 conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        self._note(True, requeued)
         return len(canceled) + len(failed) + len(requeued)
 
     def expire_unstarted(self) -> int:
         with self._connection() as conn:
-            return self._expire_unstarted(conn, self._clock())
+            expired = self._expire_unstarted(conn, self._clock())
+        self._note(False, expired)
+        return len(expired)
 
-    def _expire_unstarted(self, conn: Connection, now: float) -> int:
-        rows = conn.execute(
+    def _note(self, queued: bool, rows: Sequence[DictRow]) -> None:
+        """Committed: these jobs (rows with engine, priority, seq) entered (``queued``) or
+        left the queue; ``QueueRanks`` learns of it."""
+        note = self._ranks.note_queued if queued else self._ranks.note_left
+        for row in rows:
+            note(row["engine"], row["priority"], row["seq"])
+
+    def _expire_unstarted(self, conn: Connection, now: float) -> list[DictRow]:
+        """Fails the queued jobs past their start deadline; returns their rows."""
+        return conn.execute(
             _closing(
                 "UPDATE jobs SET status = 'failed', error = %(timeout)s,"
                 f" error_type = %(timeout_type)s, {_FINAL_COLUMNS}"
@@ -836,7 +969,6 @@ class PostgresJobStore:
                 timeout_type=START_TIMEOUT_ERROR_TYPE,
             ),
         ).fetchall()
-        return len(rows)
 
     def purge_expired(self, limit: int = 500) -> list[PurgedJob]:
         """Deletes up to ``limit`` finished jobs past ``expires_at`` (oldest expiry first);
@@ -861,13 +993,25 @@ class PostgresJobStore:
         data: dict[str, Any] | None = None,
     ) -> bool:
         """Appends an event after locking its job's row; ``False`` if there is no such job."""
-        row = conn.execute(
+        cursor = PostgresJobStore._event_insert(conn, job_id, at, level, message, data)
+        return cursor.fetchone() is not None
+
+    @staticmethod
+    def _event_insert(
+        conn: Connection,
+        job_id: str,
+        at: float,
+        level: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+    ) -> psycopg.Cursor[DictRow]:
+        """The event insert of ``_insert_event``; its cursor has the new id's row, if any."""
+        return conn.execute(
             "WITH job AS (SELECT id FROM jobs WHERE id = %s FOR NO KEY UPDATE)"
             " INSERT INTO job_events (job_id, at, level, message, data)"
             " SELECT id, %s, %s, %s, %s FROM job RETURNING id",
             (job_id, at, level, message, Jsonb(data or {})),
-        ).fetchone()
-        return row is not None
+        )
 
     # --- webhook outbox ---------------------------------------------------------------------------
     def claim_webhooks(self, claimer: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
@@ -955,6 +1099,10 @@ class PostgresJobStore:
         )
         self._keys_presence.forget()
         return revoked == 1
+
+    def known_has_api_keys(self) -> bool | None:
+        """``has_api_keys``' cached answer, or ``None`` when it would ask the database."""
+        return self._keys_presence.known()
 
     def has_api_keys(self) -> bool:
         """Cached for ``API_KEYS_CACHE_S`` (``common.KeysPresence``): authentication asks on

@@ -79,6 +79,48 @@ class RunnerLimits:
     prefetch_jobs: int = 1  # queued jobs whose inputs are fetched during the current edit; 0: off
 
 
+class _ProgressWriter:
+    """One job's progress writes, off the denoising loop: at most one write in flight, and a
+    report made meanwhile replaces any older one not yet written (coalesced). A step never
+    waits for the store, and a slow store (PostgreSQL commits wait for their WAL flush) gets
+    fewer writes instead of a backlog. A failed write is logged and dropped: progress is a
+    hint, and the lease and the final write report a lost store."""
+
+    def __init__(self, store: JobStore, job: Job, worker_id: str, io: ThreadPoolExecutor) -> None:
+        self._store, self._job, self._worker_id, self._io = store, job, worker_id, io
+        self._lock = threading.Lock()
+        self._pending: Progress | None = None
+        self._writing: Future[None] | None = None
+
+    def report(self, progress: Progress) -> None:
+        with self._lock:
+            self._pending = progress
+            if self._writing is None:
+                self._writing = self._io.submit(self._write_pending)
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._lock:
+                progress, self._pending = self._pending, None
+                if progress is None:
+                    self._writing = None
+                    return
+            try:
+                self._store.set_progress(
+                    self._job.id, self._worker_id, self._job.attempts, progress
+                )
+            except Exception as exc:
+                log.warning("cannot record the progress of job %s: %s", self._job.id, exc)
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until every report is written (or ``timeout_s``)."""
+        with self._lock:
+            writing = self._writing
+        if writing is not None:
+            with contextlib.suppress(Exception):
+                writing.result(timeout=timeout_s)
+
+
 class _Lease:
     """Keeps one job's lease alive from a thread of its own, and watches its execution time.
 
@@ -175,6 +217,7 @@ class JobRunner:
         self.metrics = metrics
         self._last_edit: EditResult | None = None  # the current job's, for metrics
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="worker-io")
+        self._progress_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-progress")
         self._drain = DrainDeadline()
         self._prefetch = _PrefetchCache(self.limits.prefetch_jobs)
 
@@ -221,6 +264,7 @@ class JobRunner:
     def close(self) -> None:
         self._prefetch.clear()
         self._io.shutdown(wait=True, cancel_futures=True)
+        self._progress_io.shutdown(wait=True, cancel_futures=True)
 
     # --- one job ---------------------------------------------------------------------------
     def run(self, job: Job) -> None:
@@ -290,13 +334,17 @@ class JobRunner:
 
     def _execute(self, job: Job, lease: _Lease) -> tuple[JobStatus, dict[str, Any]]:
         """The job's outcome: a final status with its fields, or ``QUEUED`` to hand it back."""
+        progress = _ProgressWriter(self.store, job, self.worker_id, self._progress_io)
         try:
             request = self._build_request(job, lease)
-            result = self.pipeline.edit(
-                request,
-                on_step=self._progress_reporter(job),
-                should_cancel=lambda: self._should_stop(job, lease),
-            )
+            try:
+                result = self.pipeline.edit(
+                    request,
+                    on_step=self._progress_reporter(progress),
+                    should_cancel=lambda: self._should_stop(job, lease),
+                )
+            finally:  # the last step's event before the closing one
+                progress.flush()
             result, nsfw_flags = self._screen_outputs(job, result)
             self._last_edit = result
             return JobStatus.SUCCEEDED, {"result": self._publish(job, request, result, nsfw_flags)}
@@ -427,7 +475,7 @@ class JobRunner:
             raw = load_image_bytes(source, self.fetcher, max_bytes=self.limits.max_image_bytes)
         return imaging.decode_image(raw, max_pixels=self.limits.max_image_pixels)
 
-    def _progress_reporter(self, job: Job) -> Callable[[int, int], None]:
+    def _progress_reporter(self, writer: _ProgressWriter) -> Callable[[int, int], None]:
         last_write = 0.0
 
         def report(step: int, total: int) -> None:
@@ -436,7 +484,7 @@ class JobRunner:
             if step < total and now - last_write < self.limits.progress_interval_s:
                 return
             last_write = now
-            self.store.set_progress(job.id, self.worker_id, job.attempts, Progress(step, total))
+            writer.report(Progress(step, total))
 
         return report
 
