@@ -80,9 +80,13 @@ def reference_jpeg(side: int) -> bytes:
 
 
 @contextmanager
-def image_server(body: bytes, latency_s: float) -> Iterator[int]:
+def image_server(body: bytes, latency_s: float, requests: list[str] | None = None) -> Iterator[int]:
+    """Serves ``body`` after ``latency_s``; appends each request's path to ``requests``."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if requests is not None:
+                requests.append(self.path)
             time.sleep(latency_s)
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -138,6 +142,57 @@ def run_jobs(folder: Path, port: int, jobs: int, edit_s: float, prefetch_jobs: i
     return walls
 
 
+def drain(runner: JobRunner) -> None:
+    while runner.run_next():
+        pass
+
+
+def run_workers(
+    jobs: int, edit_ms: float, latency_ms: float, size: int, workers: int
+) -> dict[str, Any]:
+    """``workers`` runners (threads, one store handle each) drain one queue, prefetch off and
+    on: wall time and image fetches per job."""
+    body = reference_jpeg(size)
+    found: dict[str, Any] = {"workers": workers, "jobs": jobs}
+    for mode, prefetch_jobs in (("off", 0), ("on", 1)):
+        requests: list[str] = []
+        with (
+            image_server(body, latency_ms / 1000, requests) as port,
+            tempfile.TemporaryDirectory(prefix=f"prefetch-{mode}-") as folder,
+        ):
+            store = SQLiteJobStore(str(Path(folder) / "jobs.db"))
+            for i in range(jobs):
+                data = {"prompt": "p", "image_url": f"http://127.0.0.1:{port}/ref-{i}.jpg"}
+                store.submit(NewJob(id=f"job-{i}", endpoint=ENDPOINT, input=data))
+            runners = [
+                JobRunner(
+                    SQLiteJobStore(str(Path(folder) / "jobs.db")),
+                    LocalFileStore(Path(folder) / "files"),
+                    SleepEngine(edit_ms / 1000),
+                    SafeFetcher(
+                        allow_hosts=["127.0.0.1"], allow_ports=[80], timeout_s=30, max_bytes=1 << 26
+                    ),
+                    worker_id=f"w{n}",
+                    limits=RunnerLimits(prefetch_jobs=prefetch_jobs),
+                    model_name="sleep",
+                )
+                for n in range(workers)
+            ]
+            started = time.perf_counter()
+            threads = [threading.Thread(target=drain, args=(runner,)) for runner in runners]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall_s = time.perf_counter() - started
+            for runner in runners:
+                runner.close()
+                runner.store.close()
+            store.close()
+        found[mode] = {"wall_s": round(wall_s, 2), "fetches_per_job": len(requests) / jobs}
+    return found
+
+
 def run(jobs: int, edit_ms: float, latency_ms: float, size: int) -> dict[str, Any]:
     body = reference_jpeg(size)
     # the fetch + decode the prefetch can hide: measured here, outside the runner
@@ -175,9 +230,22 @@ def main() -> None:
     parser.add_argument("--edit-ms", type=float, default=300.0)
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--size", type=int, default=1024, help="reference image side, pixels")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="several runners on one queue: wall and fetches"
+    )
     args = parser.parse_args()
     if args.jobs < 2:
         parser.error("--jobs must be at least 2")
+    if args.workers > 1:
+        found = run_workers(args.jobs, args.edit_ms, args.latency_ms, args.size, args.workers)
+        for mode in ("off", "on"):
+            figures = found[mode]
+            print(
+                f"{args.workers} workers, prefetch {mode}: {figures['wall_s']} s for "
+                f"{args.jobs} jobs, {figures['fetches_per_job']:.2f} fetches per job"
+            )
+        print(json.dumps(found))
+        return
     result = run(args.jobs, args.edit_ms, args.latency_ms, args.size)
     print(f"{'job':>4} {'prefetch off ms':>16} {'prefetch on ms':>15}")
     for i, (off, on) in enumerate(zip(*result["per_job_ms"].values(), strict=True), start=1):

@@ -9,8 +9,11 @@ timer and no waiting for company: an idle server commits a lone submit in the ne
 turn, a busy one commits as many as arrived.
 
 Before the insert, ``admit`` (the service's queue limits) judges the batch's jobs in turn,
-counting the ones admitted before: the submits that arrive together cannot overshoot a
-limit together. A refused job's caller gets the refusal; the others go on.
+counting the ones admitted before: the submits of one batch cannot overshoot a limit
+together. With two batches in the database at once (PostgreSQL, below), the second is judged
+before the first has committed, so together they may pass a limit by at most one batch
+(``MAX_BATCH``); the limits are soft by that much. A refused job's caller gets the refusal;
+the others go on.
 
 One job that the store refuses (``submit_many`` is all or nothing) must not fail the others:
 a failed batch is retried one job at a time, so each caller gets its own answer.

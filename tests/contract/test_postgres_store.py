@@ -61,6 +61,8 @@ def test_store_recovers_by_itself_after_postgresql_restarts(
             store.get(before.id)
         with pytest.raises(StoreError, match="unavailable"):
             store.claim("worker-1", 30)
+        with pytest.raises(StoreError, match="unavailable"):
+            store.ping()  # readiness: a real round trip, never an answer from memory
         assert time.monotonic() - started < 10  # bounded by acquire_timeout_s, not hanging
         store.wait_for_work(0.2)  # a hint: waits out its timeout, never raises
     finally:

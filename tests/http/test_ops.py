@@ -10,8 +10,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from kontext_server.editing import EditResult
+from kontext_server.errors import StoreUnavailableError
 from kontext_server.jobs import Job, JobStatus
 from kontext_server.metrics import JobMetrics
+from kontext_server.store.sqlite import SQLiteJobStore
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -111,3 +113,17 @@ def _uri() -> str:
     from http_support import tiny_png_data_uri
 
     return tiny_png_data_uri()
+
+
+def test_readyz_asks_the_store_itself_not_its_memory(
+    make_app: AppFactory, store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable() -> None:
+        raise StoreUnavailableError("the job store is unavailable (test)")
+
+    monkeypatch.setattr(store, "ping", unreachable)
+    store.queue_depth()  # still answers (from memory on some stores)
+    with TestClient(make_app()) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "the job store is unavailable (test)" in response.json()["problems"][0]

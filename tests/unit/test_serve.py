@@ -135,3 +135,16 @@ def _alive(pid: int) -> bool:
     # a zombie is dead too: it only waits for its (re)parent to reap it
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split()[2] != "Z"
+
+
+def test_several_workers_get_input_prefetch_off_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kontext_server.cli.serve import worker_env
+    from kontext_server.config import Settings
+
+    monkeypatch.delenv("KONTEXT_PREFETCH_JOBS", raising=False)
+    assert worker_env(Settings(), 1) == {}
+    assert worker_env(Settings(), 4) == {"KONTEXT_PREFETCH_JOBS": "0"}
+    monkeypatch.setenv("KONTEXT_PREFETCH_JOBS", "2")
+    assert worker_env(Settings(), 4) == {}

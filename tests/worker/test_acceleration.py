@@ -144,7 +144,7 @@ def test_fal_acceleration_moves_only_the_step_cache() -> None:
 # --- presets on the real pipeline ---------------------------------------------------------------
 
 
-def test_compile_preset_is_lossless_and_keeps_its_kernels(
+def test_compile_preset_stays_within_float_rounding_and_keeps_its_kernels(
     reference_latents: torch.Tensor, tmp_path: Path
 ) -> None:
     engine = build("compile", tmp=tmp_path)

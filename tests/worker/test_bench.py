@@ -147,11 +147,11 @@ def test_the_table_has_the_deviation_from_none(compared: tuple[Path, str]) -> No
     found = {record["entry"]: record.get("deviation") for record in summary["entries"]}
     assert found["none"]["relative_l2"] == 0
     assert math.isinf(found["none"]["psnr_db"])
-    # compile is lossless up to float reassociation (fused projections); the caching entry at
-    # 2 steps computes both steps (the cache never skips the first step)
-    for name in ("cache@group-offload",):
-        assert found[name]["relative_l2"] < 1e-4, name
-        assert found[name]["ssim"] > 0.99, name
+    # the deviation columns are computed (the compiled entry on float32: rounding only; the
+    # cache skipping steps is tested in test_acceleration, not here)
+    cached = found["cache@group-offload"]
+    assert 0 <= cached["relative_l2"] < 1e-4
+    assert cached["ssim"] > 0.99
     assert "RANDOM" in stdout
     assert "not their deviation on real weights".upper() in stdout.upper()
 

@@ -187,3 +187,38 @@ def test_a_worker_that_lost_its_lease_records_nothing(store, files) -> None:
     worker.join(timeout=10)
     job = store.get("job-1")
     assert job is not None and job.status is JobStatus.RUNNING and job.lease_owner == "w2"
+
+
+class _HeldProgressStore(SQLiteJobStore):
+    """A store whose progress writes wait until the test lets them go."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.release = threading.Event()
+        self.written: list[tuple[int, int]] = []
+
+    def set_progress(self, job_id, worker_id, attempt, progress):  # type: ignore[no-untyped-def]
+        self.release.wait(timeout=10)
+        self.written.append((progress.step, progress.total))
+        return super().set_progress(job_id, worker_id, attempt, progress)
+
+
+def test_steps_never_wait_for_progress_writes_and_the_last_one_lands(tmp_path, files) -> None:
+    held = _HeldProgressStore(str(tmp_path / "held.db"))
+    engine = FakeEngine(steps=8)
+    submit(held)
+    runner = make_runner(held, files, engine, progress_interval_s=0.0)
+    worker = threading.Thread(target=runner.run_next)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while engine.steps_run < 8 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # every step ran while the first progress write was still held: the loop did not wait
+    assert engine.steps_run == 8 and held.written == []
+    held.release.set()
+    worker.join(timeout=10)
+    job = held.get("job-1")
+    held.close()
+    assert job is not None and job.status is JobStatus.SUCCEEDED
+    assert job.progress is not None and (job.progress.step, job.progress.total) == (8, 8)
+    assert len(held.written) < 8  # reports made meanwhile were coalesced

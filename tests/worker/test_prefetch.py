@@ -411,3 +411,6 @@ def test_the_prefetch_benchmark_runs_and_measures_a_saving() -> None:
     # off: latency + edit per job; on: the fetch hides behind the previous edit
     assert result["median_ms_jobs_2_to_n"]["off"] >= 250.0
     assert result["saving_ms_per_job"] > 50.0
+    pooled = bench.run_workers(jobs=4, edit_ms=50.0, latency_ms=20.0, size=64, workers=2)
+    assert pooled["off"]["fetches_per_job"] == 1.0  # each job fetched by its own claim only
+    assert pooled["on"]["fetches_per_job"] >= 1.0

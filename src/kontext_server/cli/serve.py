@@ -55,6 +55,16 @@ def worker_argv(settings: Settings) -> list[str]:
     return argv
 
 
+def worker_env(settings: Settings, count: int) -> dict[str, str]:
+    """Settings the workers get beyond their flags. Input prefetch is off by default when
+    several workers share the queue: each busy worker peeks the same queue head, which
+    another worker then claims (measured: ~1.8 image fetches per job, no time saved;
+    docs/performance.md). An operator's own ``KONTEXT_PREFETCH_JOBS`` is kept."""
+    if count > 1 and "prefetch_jobs" not in settings.model_fields_set:
+        return {"KONTEXT_PREFETCH_JOBS": "0"}
+    return {}
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
@@ -142,6 +152,8 @@ def run_server(
     gpus = visible_gpus(os.environ)
     count = settings.workers if settings.workers is not None else max(1, len(gpus))
     specs = worker_specs(count, gpus, worker_argv(settings))
+    for spec in specs:
+        spec.env.update(worker_env(settings, count))
     if count and "bfl" in settings.engines.values():
         # endpoints routed upstream need no GPU: one BFL worker holds many tasks in flight
         [bfl] = worker_specs(1, [], [*worker_argv(settings), "--engine", "bfl"])

@@ -20,9 +20,9 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from kontext_server.auth import Principal
-from kontext_server.errors import StoreUnavailableError
 from kontext_server.http.context import ApiContext
 from kontext_server.http.schemas import ENDPOINTS
+from kontext_server.http.sse import fresh_job
 from kontext_server.jobs import Job
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "BodyTooLargeError",
     "FieldError",
     "authenticate",
-    "fresh_job",
     "image_data_uri",
     "read_capped_body",
     "sniff_image_type",
@@ -139,13 +138,3 @@ async def wait_until_final(
             return None
         job = await fresh_job(read, job)
     return job
-
-
-async def fresh_job(read: Callable[[str], Job | None], job: Job) -> Job:
-    """``job`` read again (in the thread pool); as it was while the store is unavailable, so
-    that a caller waiting for the end waits through an outage instead of failing."""
-    try:
-        fresh = await run_in_threadpool(read, job.id)
-    except StoreUnavailableError:
-        return job
-    return fresh or job

@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from kontext_server.http.compat import fresh_job
 from kontext_server.http.context import (
     ApiContext,
     Caller,
@@ -29,7 +28,7 @@ from kontext_server.http.context import (
 )
 from kontext_server.http.ids import REQUEST_ID_CONVERTOR, RequestIdPath
 from kontext_server.http.schemas import ENDPOINTS, json_body_schema
-from kontext_server.http.sse import StatusStream, TooManyStreamsError, released_after
+from kontext_server.http.sse import StatusStream, TooManyStreamsError, fresh_job, released_after
 from kontext_server.http.submission import (
     input_model,
     own_files_check,

@@ -54,8 +54,7 @@ def ops_router(
 
 def _store_check(store: JobStore) -> ReadinessCheck:
     def check() -> str | None:
-        # A real round trip: the queue depth may be answered from memory (QueueRanks).
-        store.get("00000000-0000-7000-8000-000000000000")
+        store.ping()  # a real round trip (queue depth and positions come from memory)
         return None
 
     return check

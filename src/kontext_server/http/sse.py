@@ -28,6 +28,7 @@ __all__ = [
     "StatusStream",
     "StreamSlots",
     "TooManyStreamsError",
+    "fresh_job",
     "released_after",
     "sse_event",
 ]
@@ -146,7 +147,7 @@ class StatusStream:
                 yield KEEPALIVE
                 last_sent_at = self._clock()
             await anyio.sleep(self._poll_interval_s)
-            job = await self._fresh(job)
+            job = await fresh_job(self._service.store.get, job)
 
     async def _read(
         self, job: Job, seen: _Seen | None
@@ -159,13 +160,6 @@ class StatusStream:
         except StoreUnavailableError:
             return None
         return position, events
-
-    async def _fresh(self, job: Job) -> Job:
-        try:
-            fresh: Job | None = await run_in_threadpool(self._service.store.get, job.id)
-        except StoreUnavailableError:
-            return job
-        return fresh or job
 
     async def _queue_position(self, job: Job) -> int | None:
         if job.status is not JobStatus.QUEUED:
@@ -182,3 +176,13 @@ def _last_id(events: list[JobEvent] | None, seen: _Seen | None) -> int:
     if events:
         return events[-1].id
     return seen.last_event_id if seen else 0
+
+
+async def fresh_job(read: Callable[[str], Job | None], job: Job) -> Job:
+    """``job`` read again (in the thread pool); as it was while the store is unavailable, so
+    that a caller waiting for the end waits through an outage instead of failing."""
+    try:
+        fresh = await run_in_threadpool(read, job.id)
+    except StoreUnavailableError:
+        return job
+    return fresh or job

@@ -21,7 +21,7 @@ Rules every backend keeps:
 * ``queue_position`` counts queued jobs ahead by (priority, seq); the answer comes from an
   in-memory picture of the queue (``queue_ranks.QueueRanks``) whose cost does not grow with
   the queue. It is exact where only this store object changed the queue (the conformance
-  suite's still queues) and at most ``position_max_age_s`` plus one reload behind other
+  suite's still queues) and at most ``QueueRanks``' ``max_age_s`` plus one reload behind other
   processes' changes (fal's position is a hint).
 * Engines (``Job.engine``, docs/bfl-engine.md): each engine is its own queue line. ``claim``
   takes only its engine's jobs, and ``queue_position`` counts only queued jobs of the same
@@ -79,7 +79,7 @@ class JobStore(Protocol):
     def queue_position(self, job_id: str) -> int | None:
         """Queued jobs ahead of this one; ``None`` unless it is queued. Served from memory
         (``queue_ranks.py``): exact for this store object's own changes, and reflecting other
-        processes' within ``position_max_age_s`` (1 s) plus one reload of the queue."""
+        processes' within ``QueueRanks``' ``max_age_s`` (1 s) plus one reload of the queue."""
         ...
 
     def queue_position_of(self, job: Job) -> int | None:
@@ -207,6 +207,11 @@ class JobStore(Protocol):
 
     def has_api_keys(self) -> bool:
         """True when at least one active key exists (authentication on)."""
+        ...
+
+    def ping(self) -> None:
+        """One round trip to the database (readiness); raises ``StoreError`` (or
+        ``StoreUnavailableError``) when it cannot be reached."""
         ...
 
     def close(self) -> None: ...

@@ -75,7 +75,7 @@ from kontext_server.store.postgres_schema import (
     NOTIFY_CHANNEL,
     SCHEMA_VERSION,
 )
-from kontext_server.store.queue_ranks import DEFAULT_MAX_AGE_S, QueueRanks
+from kontext_server.store.queue_ranks import QueueRanks
 
 __all__ = ["PostgresJobStore"]
 
@@ -100,12 +100,6 @@ _INSERT_JOB_SQL = (
     " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
     " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
     f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted AS i"
-)
-_QUEUE_POSITION_SQL = (
-    "SELECT (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued'"
-    "        AND q.engine = j.engine AND (q.priority, q.seq) < (j.priority, j.seq))"
-    " AS ahead"
-    " FROM jobs AS j WHERE j.id = %s AND j.status = 'queued'"
 )
 _FENCE = (
     "id = %(job_id)s AND status = 'running' AND lease_owner = %(worker_id)s"
@@ -228,7 +222,6 @@ class PostgresJobStore:
         pool_max: int = 10,
         default_retention_s: float = DEFAULT_RETENTION_S,
         acquire_timeout_s: float = 5.0,
-        position_max_age_s: float = DEFAULT_MAX_AGE_S,
     ) -> None:
         if pool_max < 1:
             raise StoreError(f"pool_max must be at least 1, not {pool_max}")
@@ -248,7 +241,7 @@ class PostgresJobStore:
         self._last_failure: BaseException = StoreError("not connected yet")
         self._keys_presence = KeysPresence()
         self._used_at: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
-        self._ranks = QueueRanks(self._queued_lines, max_age_s=position_max_age_s)
+        self._ranks = QueueRanks(self._queued_lines)
         self._pool = self._new_pool()
         try:
             self._migrate()
@@ -440,6 +433,9 @@ class PostgresJobStore:
         row = self._fetchone("SELECT current_setting('server_version') AS version")
         return "" if row is None else str(row["version"])
 
+    def ping(self) -> None:
+        self._fetchone("SELECT 1")  # through the outage breaker, like every call
+
     def close(self) -> None:
         """Close the pool and the listening connection; the store cannot be used afterwards."""
         with self._pool_lock:
@@ -542,7 +538,7 @@ class PostgresJobStore:
     def queue_position(self, job_id: str) -> int | None:
         """Queued jobs of the same engine ahead by (priority, seq), from ``QueueRanks``: one
         read of the job, then binary searches in memory, whatever the depth. Exact for this
-        process's own changes; other processes' are seen within ``position_max_age_s`` plus
+        process's own changes; other processes' are seen within ``QueueRanks.max_age_s`` (1 s) plus
         one reload (``queue_ranks.py``)."""
         row = self._fetchone(
             "SELECT status, engine, priority, seq FROM jobs WHERE id = %s", (job_id,)
@@ -555,12 +551,6 @@ class PostgresJobStore:
         if job.status is not JobStatus.QUEUED:
             return None
         return self._ranks.position(job.engine, job.priority, job.seq)
-
-    def queue_position_counted(self, job_id: str) -> int | None:
-        """``queue_position`` counted in the table now (one range count: its cost grows with
-        the line); for tests and diagnostics."""
-        row = self._fetchone(_QUEUE_POSITION_SQL, (job_id,))
-        return None if row is None else int(row["ahead"])
 
     def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
         """Every queued job's seq, by line (``QueueRanks``' loader): one statement, each

@@ -17,7 +17,7 @@ Freshness (fal's ``queue_position`` is a hint, not a contract):
   the next load. While positions are being asked, a refresher thread reloads every
   ``max_age_s`` (1 s; or every four loads' time if that is longer: at most a fifth of its
   time goes to loading), so an answer reflects them within that period plus one load's
-  duration (``staleness_bound_s``): 1.0-1.1 s at 100k queued, ~2.5 s at 1M on PostgreSQL.
+  duration: 1.0-1.1 s at 100k queued, ~2.5 s at 1M on PostgreSQL.
   A refresher that nobody has asked for ``idle_stop_s`` stops; the next question then loads
   at once (in the caller's thread), so an answer is never older than that.
 
@@ -169,12 +169,6 @@ class QueueRanks:
             + bisect.bisect_left(self._added.get(line, []), seq)
             - bisect.bisect_left(self._removed.get(line, []), seq)
         )
-
-    @property
-    def staleness_bound_s(self) -> float:
-        """How old (at most) the other processes' part of an answer is right now: the
-        refresher's period plus the last load's duration."""
-        return self.period_s + self._load_s
 
     # --- loading ----------------------------------------------------------------------------------
     def refresh(self) -> None:

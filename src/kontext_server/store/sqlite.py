@@ -60,7 +60,7 @@ from kontext_server.store.common import (
     final_event,
     finish_error,
 )
-from kontext_server.store.queue_ranks import DEFAULT_MAX_AGE_S, QueueRanks
+from kontext_server.store.queue_ranks import QueueRanks
 from kontext_server.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
@@ -211,7 +211,6 @@ class SQLiteJobStore:
         clock: Callable[[], float] = time.time,
         default_retention_s: float = DEFAULT_RETENTION_S,
         work_poll_s: float = WORK_POLL_INTERVAL_S,
-        position_max_age_s: float = DEFAULT_MAX_AGE_S,
     ):
         self._clock = clock
         self._work_poll_s = work_poll_s
@@ -232,7 +231,7 @@ class SQLiteJobStore:
         self._write_lock = threading.RLock()
         self._moves: list[tuple[bool, sqlite3.Row]] = []  # of the open write (under the lock)
         self._keys_presence = KeysPresence()
-        self._ranks = QueueRanks(self._queued_lines, max_age_s=position_max_age_s)
+        self._ranks = QueueRanks(self._queued_lines)
         self._pid = os.getpid()
         self._closed = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +333,9 @@ class SQLiteJobStore:
                         (number, self._clock()),
                     )
 
+    def ping(self) -> None:
+        self._conn().execute("SELECT 1 FROM jobs LIMIT 1").fetchone()  # reads the file
+
     def close(self) -> None:
         """Close every thread's connection; the store cannot be used afterwards."""
         self._ranks.close()
@@ -416,7 +418,7 @@ class SQLiteJobStore:
     def queue_position(self, job_id: str) -> int | None:
         """Queued jobs of the same engine ahead by (priority, seq), from ``QueueRanks``: one
         read of the job, then binary searches in memory, whatever the depth. Exact for this
-        process's own changes; other processes' are seen within ``position_max_age_s`` plus
+        process's own changes; other processes' are seen within ``QueueRanks.max_age_s`` (1 s) plus
         one reload (``queue_ranks.py``)."""
         row = (
             self._conn()
@@ -431,12 +433,6 @@ class SQLiteJobStore:
         if job.status is not JobStatus.QUEUED:
             return None
         return self._ranks.position(job.engine, job.priority, job.seq)
-
-    def queue_position_counted(self, job_id: str) -> int | None:
-        """``queue_position`` counted in the table now (one range count: its cost grows with
-        the line); for tests and diagnostics."""
-        row = self._conn().execute(_QUEUE_POSITION_SQL, (job_id,)).fetchone()
-        return None if row is None else int(row[0])
 
     def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
         """Every queued job's seq, by line (``QueueRanks``' loader), in one read transaction:

@@ -369,7 +369,8 @@ class KontextPipeline:
                     request, references, prompt, seed + index, width, height, steps, progress
                 )
                 encodings.append(self._encoder.submit(_timed_encode, image, request.output_format))
-        self.last_latents = progress.last_latents
+        final = progress.last_latents  # copied once, after the last step
+        self.last_latents = None if final is None else final.float().cpu()
         inferred = time.perf_counter()
         encoded = [future.result() for future in encodings]
         finished = time.perf_counter()
@@ -504,7 +505,7 @@ class _StepReporter:
         self._last_step_at = now
         self.done_steps += 1
         if self.capture:
-            self.last_latents = tensors["latents"].detach().float().cpu()
+            self.last_latents = tensors["latents"].detach()  # a reference: no copy per step
         if self.on_step is not None:
             self.on_step(self.done_steps, self.total_steps)
         if self.should_cancel is not None and self.should_cancel():

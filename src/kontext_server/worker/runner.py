@@ -82,7 +82,7 @@ class RunnerLimits:
 class _ProgressWriter:
     """One job's progress writes, off the denoising loop: at most one write in flight, and a
     report made meanwhile replaces any older one not yet written (coalesced). A step never
-    waits for the store, and a slow store (PostgreSQL commits wait for their WAL flush) gets
+    waits for the store, and a slow store (a network round trip per write on PostgreSQL) gets
     fewer writes instead of a backlog. A failed write is logged and dropped: progress is a
     hint, and the lease and the final write report a lost store."""
 
