@@ -28,6 +28,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)

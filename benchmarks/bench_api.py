@@ -66,11 +66,11 @@ from typing import Any, cast
 from PIL import Image
 
 from kontext_server.config import Settings
-from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.errors import ConfigError, EditCancelled
+from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.errors import ConfigError, EditCancelled
+from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.base import FileStore
 from kontext_server.files.local import LocalFileStore
-from kontext_server.jobs import JobStatus
 from kontext_server.logs import configure_logging
 from kontext_server.store import POSTGRES_SCHEMES, open_configured_store, open_store
 from kontext_server.store.base import JobStore
@@ -858,7 +858,7 @@ def measure_job_overhead(options: BenchOptions, folder: Path) -> dict[str, Any]:
 
 
 def _measure_job_overhead(options: BenchOptions, folder: Path, store_url: str) -> dict[str, Any]:
-    from kontext_server.service import QueueService
+    from kontext_server.core.service import QueueService
 
     data_uri = jpeg_data_uri(options.image_side_px)
     rig = _OverheadRig.build(folder, store_url, options)

@@ -32,7 +32,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-from kontext_server.jobs import JobStatus, NewJob
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.store.base import JobStore
 
 __all__ = ["run"]

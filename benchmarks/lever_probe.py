@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kontext_server.editing import EditRequest
+from kontext_server.domain.editing import EditRequest
 from kontext_server.worker.pipeline import KontextPipeline
 
 PROMPT = "Change the car's color to red"

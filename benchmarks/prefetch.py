@@ -30,10 +30,10 @@ from typing import Any
 
 from PIL import Image
 
-from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.fetch import SafeFetcher
+from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
-from kontext_server.jobs import JobStatus, NewJob
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.runner import JobRunner, RunnerLimits
 

@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kontext_server.jobs import NewJob
+from kontext_server.domain.jobs import NewJob
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
 

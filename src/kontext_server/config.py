@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kontext_server.engine_options import AccelerationPreset, parse_memory_mode
+from kontext_server.domain.engine_options import AccelerationPreset, parse_memory_mode
 
 __all__ = ["Settings"]
 

@@ -22,8 +22,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
-from kontext_server.editing import EditResult
-from kontext_server.jobs import Job, JobStatus
+from kontext_server.domain.editing import EditResult
+from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.store.base import JobStore
 
 __all__ = [

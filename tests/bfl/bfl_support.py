@@ -12,9 +12,9 @@ from typing import Any
 from bfl_standin import StandInBfl
 from PIL import Image
 
+from kontext_server.core.service import QueueService
+from kontext_server.domain.jobs import Job, NewJob
 from kontext_server.files.local import LocalFileStore
-from kontext_server.jobs import Job, NewJob
-from kontext_server.service import QueueService
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.bfl import BflLimits, BflWorker
 

@@ -10,9 +10,9 @@ from bfl_standin import API_KEY, StandInBfl
 from bfl_support import ENGINES, FAST_LIMITS, Rig
 
 from kontext_server.config import Settings
-from kontext_server.fetch import SafeFetcher
+from kontext_server.core.service import QueueService
 from kontext_server.files.local import LocalFileStore
-from kontext_server.service import QueueService
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.bfl import BflClient, BflLimits, BflWorker
 

@@ -15,7 +15,7 @@ from bfl_standin import API_KEY
 from bfl_support import FAST_LIMITS, MAX, MULTI, Rig, RunningWorker, png_data_uri
 from PIL import Image
 
-from kontext_server.jobs import Job, JobStatus
+from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.worker.bfl import BflClient, bfl_request_body
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from kontext_server.jobs import JobStatus
+from kontext_server.domain.jobs import JobStatus
 from kontext_server.store import open_store
 
 

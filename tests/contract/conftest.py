@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from contract.pg_cluster import PgCluster
-from kontext_server.jobs import NewJob
+from kontext_server.domain.jobs import NewJob
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
 

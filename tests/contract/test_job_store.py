@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kontext_server.errors import StoreError
-from kontext_server.jobs import (
+from kontext_server.domain.errors import StoreError
+from kontext_server.domain.jobs import (
     PRIORITY_LOW,
     CancelOutcome,
     Job,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kontext_server.jobs import PRIORITY_LOW, JobStatus, NewJob, Progress, QueueDepth
+from kontext_server.domain.jobs import PRIORITY_LOW, JobStatus, NewJob, Progress, QueueDepth
 from kontext_server.store.base import JobStore
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kontext_server.errors import StoreError
-from kontext_server.jobs import ApiKey
+from kontext_server.domain.errors import StoreError
+from kontext_server.domain.jobs import ApiKey
 from kontext_server.store.base import JobStore
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from kontext_server.jobs import JobStatus, NewJob
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.store.base import JobStore
 
 MakeJob = Callable[..., NewJob]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kontext_server.jobs import PRIORITY_LOW, JobStatus, NewJob
+from kontext_server.domain.jobs import PRIORITY_LOW, JobStatus, NewJob
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.store.sqlite_schema import MIGRATIONS

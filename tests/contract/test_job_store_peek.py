@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kontext_server.jobs import PRIORITY_LOW, Job, JobStatus, NewJob
+from kontext_server.domain.jobs import PRIORITY_LOW, Job, JobStatus, NewJob
 from kontext_server.store.base import JobStore
 
 if TYPE_CHECKING:

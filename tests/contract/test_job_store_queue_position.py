@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from contract.conftest import FakeClock
-from kontext_server.jobs import PRIORITY_LOW, Job, JobStatus, NewJob
+from kontext_server.domain.jobs import PRIORITY_LOW, Job, JobStatus, NewJob
 from kontext_server.store.base import JobStore
 from kontext_server.store.queue_ranks import DEFAULT_MAX_AGE_S
 

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from kontext_server.jobs import CancelOutcome, JobStatus, NewJob, Progress
+from kontext_server.domain.jobs import CancelOutcome, JobStatus, NewJob, Progress
 
 if TYPE_CHECKING:
     from tests.contract.conftest import Backend, FakeClock

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from kontext_server.errors import StoreError
-from kontext_server.jobs import PRIORITY_LOW, JobStatus, NewJob, Submitted
+from kontext_server.domain.errors import StoreError
+from kontext_server.domain.jobs import PRIORITY_LOW, JobStatus, NewJob, Submitted
 from kontext_server.store.base import JobStore
 
 MakeJob = Callable[..., NewJob]

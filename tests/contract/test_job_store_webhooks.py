@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kontext_server.jobs import JobStatus, NewJob
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.store.base import JobStore
 
 if TYPE_CHECKING:

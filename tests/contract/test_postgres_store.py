@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from contract.pg_cluster import PgCluster
-from kontext_server.errors import StoreError
-from kontext_server.jobs import JobStatus, NewJob
+from kontext_server.domain.errors import StoreError
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.store import open_store
 from kontext_server.store.postgres import PostgresJobStore
 from kontext_server.store.postgres_schema import SCHEMA_VERSION

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from contract.pg_cluster import find_pg_bin_dir
-from kontext_server.jobs import JobStatus
+from kontext_server.domain.jobs import JobStatus
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.store.sqlite_schema import MIGRATIONS
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from kontext_server.editing import EditPipeline, EditRequest, EditResult, EncodedImage
-from kontext_server.errors import EditCancelled
+from kontext_server.domain.editing import EditPipeline, EditRequest, EditResult, EncodedImage
+from kontext_server.domain.errors import EditCancelled
 
 __all__ = ["POISON_PROMPT", "make_engine"]
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from kontext_server.jobs import Job
+from kontext_server.domain.jobs import Job
 from kontext_server.store import open_store
 from kontext_server.store.base import JobStore
 

@@ -21,8 +21,8 @@ from fault_support import (
     wait_for,
 )
 
-from kontext_server.jobs import JobStatus
-from kontext_server.supervisor import WorkerSpec, WorkerSupervisor
+from kontext_server.cli.supervisor import WorkerSpec, WorkerSupervisor
+from kontext_server.domain.jobs import JobStatus
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
 

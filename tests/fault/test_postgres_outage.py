@@ -21,7 +21,7 @@ from fault_support import (
 )
 
 from contract.pg_cluster import PgCluster
-from kontext_server.jobs import JobStatus
+from kontext_server.domain.jobs import JobStatus
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
 

@@ -20,7 +20,7 @@ from fault_support import (
     wait_until_completed,
 )
 
-from kontext_server.jobs import JobStatus
+from kontext_server.domain.jobs import JobStatus
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(60)]
 

@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from PIL import Image
 from starlette.testclient import TestClient
 
+from kontext_server.domain.jobs import Job, JobStatus, Progress
 from kontext_server.files.base import StoredFile, new_file_key
 from kontext_server.files.local import LocalFileStore
-from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.store.sqlite import SQLiteJobStore
 
 # what the ``make_app`` fixture returns: create_app with the test's store, files and signer

@@ -8,9 +8,9 @@ from fastapi import FastAPI
 from http_support import LOOPBACK, MAX, LiveServer, edit_body, submit
 from starlette.testclient import TestClient
 
-from kontext_server.auth import create_api_key, hash_api_key
 from kontext_server.config import Settings
-from kontext_server.jobs import JobStatus
+from kontext_server.core.auth import create_api_key, hash_api_key
+from kontext_server.domain.jobs import JobStatus
 from kontext_server.store.sqlite import SQLiteJobStore
 
 REMOTE = ("203.0.113.9", 40000)

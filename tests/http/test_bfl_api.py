@@ -18,11 +18,11 @@ from PIL import Image
 from starlette.testclient import TestClient
 from test_webhooks_files_cors import Receiver, allowing_receiver_port
 
-from kontext_server.auth import create_api_key
 from kontext_server.config import Settings
+from kontext_server.core.auth import create_api_key
+from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
-from kontext_server.jobs import JobStatus
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.bfl import BFL_INPUT_KEY
 from kontext_server.webhooks.signing import WebhookSigner

@@ -6,7 +6,7 @@ from __future__ import annotations
 from http_support import MAX, MULTI, PlayedWorker, edit_body, submit
 from starlette.testclient import TestClient
 
-from kontext_server.auth import create_api_key
+from kontext_server.core.auth import create_api_key
 from kontext_server.store.sqlite import SQLiteJobStore
 
 

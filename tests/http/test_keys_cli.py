@@ -6,8 +6,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from kontext_server.auth import hash_api_key
 from kontext_server.cli import app
+from kontext_server.core.auth import hash_api_key
 from kontext_server.store.sqlite import SQLiteJobStore
 
 

@@ -14,9 +14,9 @@ from fastapi import FastAPI
 from http_support import LOOPBACK, MAX, AppFactory, PlayedWorker, edit_body, submit
 from starlette.testclient import TestClient
 
-from kontext_server.auth import create_api_key
 from kontext_server.config import Settings
-from kontext_server.service import RETRY_AFTER_S
+from kontext_server.core.auth import create_api_key
+from kontext_server.core.service import RETRY_AFTER_S
 from kontext_server.store.sqlite import SQLiteJobStore
 
 

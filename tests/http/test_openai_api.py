@@ -15,8 +15,8 @@ from http_support import LOOPBACK, MAX, MULTI, PlayedWorker
 from PIL import Image
 from starlette.testclient import TestClient
 
-from kontext_server.auth import create_api_key
-from kontext_server.jobs import Job
+from kontext_server.core.auth import create_api_key
+from kontext_server.domain.jobs import Job
 from kontext_server.store.sqlite import SQLiteJobStore
 
 

@@ -9,9 +9,9 @@ from http_support import MAX, AppFactory, submit
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from kontext_server.editing import EditResult
-from kontext_server.errors import StoreUnavailableError
-from kontext_server.jobs import Job, JobStatus
+from kontext_server.domain.editing import EditResult
+from kontext_server.domain.errors import StoreUnavailableError
+from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.metrics import JobMetrics
 from kontext_server.store.sqlite import SQLiteJobStore
 

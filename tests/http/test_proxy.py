@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from http_support import LOOPBACK, MAX, PlayedWorker, edit_body
 from starlette.testclient import TestClient
 
-from kontext_server.auth import create_api_key
+from kontext_server.core.auth import create_api_key
 from kontext_server.http.proxy import ProxyTargetError, route_target
 from kontext_server.store.sqlite import SQLiteJobStore
 

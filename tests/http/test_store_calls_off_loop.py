@@ -16,8 +16,8 @@ from http_support import LOOPBACK, MAX, edit_body
 from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
-from kontext_server.auth import create_api_key
 from kontext_server.config import Settings
+from kontext_server.core.auth import create_api_key
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
 from kontext_server.store.base import JobStore

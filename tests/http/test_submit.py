@@ -9,8 +9,8 @@ from fastapi import FastAPI
 from http_support import LOOPBACK, MAX, MULTI, edit_body, submit
 from starlette.testclient import TestClient
 
-from kontext_server.jobs import PRIORITY_LOW, PRIORITY_NORMAL, JobStatus
-from kontext_server.service import MaintenanceLoop
+from kontext_server.core.service import MaintenanceLoop
+from kontext_server.domain.jobs import PRIORITY_LOW, PRIORITY_NORMAL, JobStatus
 from kontext_server.store.sqlite import SQLiteJobStore
 
 SUBMIT_KEYS = {

@@ -16,12 +16,9 @@ from http_support import LOOPBACK
 from PIL import Image
 from starlette.testclient import TestClient
 
-from kontext_server.auth import create_api_key
 from kontext_server.config import Settings
-from kontext_server.errors import ImageFetchError
-from kontext_server.files.local import LocalFileStore
-from kontext_server.store.sqlite import SQLiteJobStore
-from kontext_server.uploads import (
+from kontext_server.core.auth import create_api_key
+from kontext_server.core.uploads import (
     UploadCleanupLoop,
     UploadService,
     UploadSigner,
@@ -30,6 +27,9 @@ from kontext_server.uploads import (
     read_own_file,
     upload_file_name,
 )
+from kontext_server.domain.errors import ImageFetchError
+from kontext_server.files.local import LocalFileStore
+from kontext_server.store.sqlite import SQLiteJobStore
 
 REMOTE = ("203.0.113.9", 40000)
 BASE = "http://testserver"

@@ -21,10 +21,10 @@ from http_support import LOOPBACK, MAX, LiveServer, PlayedWorker, edit_body, sub
 from starlette.testclient import TestClient
 
 from kontext_server.config import Settings
+from kontext_server.core.service import QueueService
+from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
-from kontext_server.jobs import JobStatus
-from kontext_server.service import QueueService
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.signing import WebhookSigner
 

@@ -15,12 +15,14 @@ from PIL import Image
 from safety_support import RedIsNSFW, save_tiny_nsfw_classifier
 
 from kontext_server.config import Settings
-from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.errors import ConfigError
-from kontext_server.fetch import SafeFetcher
+from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.errors import ConfigError
+from kontext_server.domain.jobs import Job, JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
-from kontext_server.jobs import Job, JobStatus, NewJob
-from kontext_server.safety_policy import (
+from kontext_server.net.fetch import SafeFetcher
+from kontext_server.store.sqlite import SQLiteJobStore
+from kontext_server.worker.runner import JobRunner
+from kontext_server.worker.safety_policy import (
     CONTENT_POLICY_ERROR_TYPE,
     DEFAULT_THRESHOLDS,
     ContentPolicyViolation,
@@ -29,8 +31,6 @@ from kontext_server.safety_policy import (
     SafetyPolicy,
     policy_from_settings,
 )
-from kontext_server.store.sqlite import SQLiteJobStore
-from kontext_server.worker.runner import JobRunner
 
 ENDPOINT = "fal-ai/flux-pro/kontext/max"
 RED, BLUE = (220, 20, 20), (20, 20, 220)

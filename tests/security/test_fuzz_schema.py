@@ -22,7 +22,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from kontext_server.auth import create_api_key
+from kontext_server.core.auth import create_api_key
 from kontext_server.http.wire import endpoint_matches
 
 FUZZ_EXAMPLES = 20

@@ -20,13 +20,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.errors import ImageDecodeError, ImageFetchError
-from kontext_server.fetch import SafeFetcher, URLNotAllowedError, load_image_bytes
+from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.errors import ImageDecodeError, ImageFetchError
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
-from kontext_server.imaging import MAX_ASPECT_RATIO, decode_image
-from kontext_server.jobs import JobStatus, NewJob
+from kontext_server.net.fetch import SafeFetcher, URLNotAllowedError, load_image_bytes
 from kontext_server.store.sqlite import SQLiteJobStore
+from kontext_server.worker.imaging import MAX_ASPECT_RATIO, decode_image
 from kontext_server.worker.runner import JobRunner
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"pretend" * 10

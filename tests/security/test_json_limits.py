@@ -9,7 +9,7 @@ import pytest
 from http_support import IMAGE_URL, LOOPBACK, MAX, AppFactory, edit_body, submit
 from starlette.testclient import TestClient
 
-from kontext_server.json_limits import (
+from kontext_server.domain.json_limits import (
     MAX_DEPTH,
     MAX_INT_DIGITS,
     MAX_VALUES,

@@ -11,7 +11,7 @@ import pytest
 from http_support import MAX, AppFactory, PlayedWorker, edit_body, submit
 from starlette.testclient import TestClient
 
-from kontext_server.auth import AuthError, BadKeyThrottle, create_api_key
+from kontext_server.core.auth import AuthError, BadKeyThrottle, create_api_key
 from kontext_server.store.sqlite import SQLiteJobStore
 
 ATTACKER = ("203.0.113.7", 40000)

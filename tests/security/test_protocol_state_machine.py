@@ -23,9 +23,9 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from starlette.testclient import TestClient
 
 from kontext_server.config import Settings
+from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
-from kontext_server.jobs import JobStatus
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.signing import WebhookSigner
 

@@ -18,10 +18,10 @@ from typer.testing import CliRunner, Result
 
 from kontext_server.cli import app
 from kontext_server.config import Settings
+from kontext_server.domain.jobs import Job, JobStatus, Progress
 from kontext_server.files.base import new_file_key
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
-from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.signing import WebhookSigner
 

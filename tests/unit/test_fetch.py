@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kontext_server.errors import ImageDecodeError, ImageFetchError, InputError
-from kontext_server.fetch import (
+from kontext_server.domain.errors import ImageDecodeError, ImageFetchError, InputError
+from kontext_server.net.fetch import (
     SafeFetcher,
     URLNotAllowedError,
     check_image_source,

@@ -15,9 +15,9 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
-from kontext_server.errors import StoreError
-from kontext_server.group_commit import GroupCommit
-from kontext_server.jobs import NewJob, Submitted
+from kontext_server.core.group_commit import GroupCommit
+from kontext_server.domain.errors import StoreError
+from kontext_server.domain.jobs import NewJob, Submitted
 from kontext_server.metrics import SUBMIT_BATCH_SIZE
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kontext_server.errors import ImageDecodeError, InputError
-from kontext_server.imaging import decode_image, encode_image
+from kontext_server.domain.errors import ImageDecodeError, InputError
+from kontext_server.worker.imaging import decode_image, encode_image
 
 MAX_PIXELS = 40_000_000
 

@@ -7,8 +7,8 @@ import uuid
 from pathlib import Path
 
 from kontext_server.config import Settings
+from kontext_server.core.service import QueueService
 from kontext_server.files.local import LocalFileStore
-from kontext_server.service import QueueService
 from kontext_server.store.sqlite import SQLiteJobStore
 
 ENDPOINT = "fal-ai/flux-pro/kontext/max"

@@ -13,12 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kontext_server.config import Settings
+from kontext_server.core.retention import CleanupLoop
+from kontext_server.domain.jobs import JobStatus, NewJob, PurgedJob
 from kontext_server.files import open_file_store
 from kontext_server.files.base import FileStore, StoredFile
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
-from kontext_server.jobs import JobStatus, NewJob, PurgedJob
-from kontext_server.retention import CleanupLoop
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
 from s3_fixtures import S3Server
@@ -105,7 +105,7 @@ def test_a_file_that_cannot_be_deleted_does_not_keep_the_others(
     store = PurgeOnlyStore([[purged("a", "k1", "k2", "k3")]])
     files = RecordingFiles(broken=frozenset({"k2"}))
     loop = loop_over(store, files, interval_s=60)
-    with caplog.at_level(logging.ERROR, logger="kontext_server.periodic"):
+    with caplog.at_level(logging.ERROR, logger="kontext_server.core.periodic"):
         assert loop.run_once() == 1
     assert files.deleted == ["k1", "k3"]
     assert "cannot delete file k2 of job a" in caplog.text
@@ -117,7 +117,7 @@ def test_the_thread_survives_store_errors_and_tries_again_next_interval(
     store = PurgeOnlyStore([[purged("a", "ka")]], failures=2)
     files = RecordingFiles()
     loop = loop_over(store, files, interval_s=0.01)
-    with caplog.at_level(logging.ERROR, logger="kontext_server.periodic"):
+    with caplog.at_level(logging.ERROR, logger="kontext_server.core.periodic"):
         loop.start()
         try:
             wait_until(lambda: files.deleted == ["ka"])

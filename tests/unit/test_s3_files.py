@@ -15,13 +15,13 @@ from PIL import Image
 from pydantic import SecretStr
 
 from kontext_server.config import Settings
-from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.errors import ConfigError
-from kontext_server.fetch import SafeFetcher
+from kontext_server.core.service import QueueService
+from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.errors import ConfigError
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files import open_file_store
 from kontext_server.files.s3 import S3FileStore, S3Location, make_s3_client, parse_s3_url
-from kontext_server.jobs import JobStatus, NewJob
-from kontext_server.service import QueueService
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.runner import JobRunner
 from s3_fixtures import S3Server

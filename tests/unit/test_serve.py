@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kontext_server.cli.serve import is_loopback_host
-from kontext_server.supervisor import WorkerSpec, WorkerSupervisor, visible_gpus, worker_specs
+from kontext_server.cli.supervisor import WorkerSpec, WorkerSupervisor, visible_gpus, worker_specs
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_supervisor_stop_terminates_running_workers() -> None:
 def test_workers_do_not_outlive_a_killed_supervisor() -> None:
     code = """
 import sys, time
-from kontext_server.supervisor import WorkerSpec, WorkerSupervisor
+from kontext_server.cli.supervisor import WorkerSpec, WorkerSupervisor
 sup = WorkerSupervisor([WorkerSpec([sys.executable, "-c", "import time; time.sleep(60)"])])
 sup.start()
 print(sup.pids[0], flush=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kontext_server.errors import InputError
-from kontext_server.sizing import (
+from kontext_server.domain.errors import InputError
+from kontext_server.domain.sizing import (
     PREFERRED_KONTEXT_RESOLUTIONS,
     nearest_bucket,
     output_size,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kontext_server.errors import StoreError
-from kontext_server.jobs import NewJob
+from kontext_server.domain.errors import StoreError
+from kontext_server.domain.jobs import NewJob
 from kontext_server.store import open_store
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.store.sqlite_schema import SCHEMA_VERSION

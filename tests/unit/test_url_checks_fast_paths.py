@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kontext_server.fetch import SafeFetcher, URLNotAllowedError, parsed_url
+from kontext_server.net.fetch import SafeFetcher, URLNotAllowedError, parsed_url
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from kontext_server.fetch import SafeFetcher
-from kontext_server.jobs import Job, JobStatus, NewJob
+from kontext_server.domain.jobs import Job, JobStatus, NewJob
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.delivery import (
     WebhookDispatcher,

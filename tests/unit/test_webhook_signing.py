@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from kontext_server.errors import ConfigError
+from kontext_server.domain.errors import ConfigError
 from kontext_server.webhooks.signing import WebhookSigner
 
 BODY = b'{"request_id":"r-1","status":"OK","payload":{"images":[]}}'

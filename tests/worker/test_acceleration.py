@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from kontext_server.config import Settings
-from kontext_server.editing import EditRequest
-from kontext_server.engine_options import MemoryMode, parse_memory_mode
-from kontext_server.errors import ModelLoadError
+from kontext_server.domain.editing import EditRequest
+from kontext_server.domain.engine_options import MemoryMode, parse_memory_mode
+from kontext_server.domain.errors import ModelLoadError
 from kontext_server.worker.acceleration import Acceleration, step_cache_threshold
 from kontext_server.worker.pipeline import KontextPipeline, PromptCache
 

@@ -206,7 +206,8 @@ def test_the_engine_modules_need_no_api_packages() -> None:
         "for name in ('fastapi', 'uvicorn', 'httpx', 'typer', 'starlette'):\n"
         "    sys.modules[name] = None\n"
         "import kontext_server.worker.bench, kontext_server.worker.pipeline\n"
-        "import kontext_server.worker.acceleration, kontext_server.errors, kontext_server.editing\n"
+        "import kontext_server.worker.acceleration, kontext_server.domain.errors\n"
+        "import kontext_server.domain.editing\n"
     )
     completed = _run("-c", code, cwd=Path.cwd(), timeout=120)
     assert completed.returncode == 0, completed.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kontext_server.errors import InputError
+from kontext_server.domain.errors import InputError
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ def test_dummy_full_bench_runs_in_bf16_on_the_gpu() -> None:
 
 
 def _tiny_on_cuda(preset: str, memory: str = "resident") -> Any:
-    from kontext_server.engine_options import parse_memory_mode
+    from kontext_server.domain.engine_options import parse_memory_mode
     from kontext_server.worker.acceleration import Acceleration
     from kontext_server.worker.pipeline import KontextPipeline
 
@@ -42,7 +42,7 @@ def _tiny_on_cuda(preset: str, memory: str = "resident") -> Any:
 def _latents(engine: Any) -> torch.Tensor:
     from PIL import Image
 
-    from kontext_server.editing import EditRequest
+    from kontext_server.domain.editing import EditRequest
 
     engine.edit(
         EditRequest(

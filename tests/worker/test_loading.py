@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kontext_server.editing import EditRequest
-from kontext_server.errors import ModelLoadError
+from kontext_server.domain.editing import EditRequest
+from kontext_server.domain.errors import ModelLoadError
 from kontext_server.worker.models import (
     FULL_SIZE,
     TINY,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kontext_server import sizing
-from kontext_server.editing import EditRequest
+from kontext_server.domain import sizing
+from kontext_server.domain.editing import EditRequest
 from kontext_server.worker.pipeline import KontextPipeline
 
 

@@ -12,9 +12,9 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from kontext_server import sizing
-from kontext_server.editing import EditRequest
-from kontext_server.errors import EditCancelled, InputError
+from kontext_server.domain import sizing
+from kontext_server.domain.editing import EditRequest
+from kontext_server.domain.errors import EditCancelled, InputError
 from kontext_server.worker.pipeline import KontextPipeline
 
 

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.fetch import SafeFetcher
+from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.jobs import Job, JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
-from kontext_server.jobs import Job, JobStatus, NewJob
-from kontext_server.safety_policy import ContentSafety, SafetyPolicy
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.runner import JobRunner, RunnerLimits
+from kontext_server.worker.safety_policy import ContentSafety, SafetyPolicy
 
 ENDPOINT = "fal-ai/flux-pro/kontext/max"
 COLORS = {"/a.png": (200, 0, 0), "/b.png": (0, 200, 0), "/c.png": (0, 0, 200)}

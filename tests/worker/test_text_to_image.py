@@ -16,12 +16,12 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from kontext_server import sizing
-from kontext_server.editing import EditRequest, EditResult
-from kontext_server.fetch import SafeFetcher
+from kontext_server.domain import sizing
+from kontext_server.domain.editing import EditRequest, EditResult
+from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.schemas import DevInput, FalInput, TextToImageInput
-from kontext_server.jobs import JobStatus, NewJob
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.pipeline import KontextPipeline
 from kontext_server.worker.runner import JobRunner

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kontext_server.fetch import SafeFetcher
+from kontext_server.cli.supervisor import WorkerSpec, WorkerSupervisor
+from kontext_server.domain.jobs import Job, JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
-from kontext_server.jobs import Job, JobStatus, NewJob
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
-from kontext_server.supervisor import WorkerSpec, WorkerSupervisor
 from kontext_server.worker.exit_codes import EXIT_DRAINED, EXIT_EXECUTION_TIMEOUT
 from kontext_server.worker.runner import JobRunner, RunnerLimits
 

@@ -75,7 +75,7 @@ def bench(
         cache_threshold=cache_threshold,
     )
     configure_logging(settings)
-    from kontext_server.errors import KontextError
+    from kontext_server.domain.errors import KontextError
     from kontext_server.worker.bench import (  # imports torch
         BenchOptions,
         parse_entries,

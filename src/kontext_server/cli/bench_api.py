@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from kontext_server.cli._app import app
-from kontext_server.errors import ConfigError
+from kontext_server.domain.errors import ConfigError
 
 __all__ = ["bench_api", "find_benchmark"]
 

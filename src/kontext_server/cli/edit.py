@@ -21,8 +21,8 @@ from kontext_server.cli.client import (
     edit_remotely,
 )
 from kontext_server.cli.common import ModelOpt, configure_logging, load_settings
-from kontext_server.editing import EditRequest, EditResult
-from kontext_server.errors import InputError, KontextError
+from kontext_server.domain.editing import EditRequest, EditResult
+from kontext_server.domain.errors import InputError, KontextError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -104,10 +104,10 @@ def edit(
 def read_image_source(source: str, settings: Settings) -> Image.Image:
     """Decode an image named by a file path, an http(s) URL or a ``data:`` URI (URLs go
     through the SSRF-safe fetcher with the operator's settings). Raises ``InputError``."""
-    from kontext_server import imaging
+    from kontext_server.worker import imaging
 
     if source.startswith(("http://", "https://", "data:")):
-        from kontext_server.fetch import SafeFetcher, load_image_bytes
+        from kontext_server.net.fetch import SafeFetcher, load_image_bytes
 
         fetcher = SafeFetcher(
             allow_hosts=settings.fetch_allow_hosts,

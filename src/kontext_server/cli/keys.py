@@ -43,7 +43,7 @@ def create(
     store: StoreOpt = None,
 ) -> None:
     """Create a key and print it (once: only its hash is kept)."""
-    from kontext_server.auth import create_api_key
+    from kontext_server.core.auth import create_api_key
 
     with _opened_store(data_dir, store) as job_store:
         api_key, key = create_api_key(job_store, name)

@@ -128,12 +128,12 @@ def run_server(
 
     from prometheus_client.multiprocess import mark_process_dead
 
+    from kontext_server.cli.supervisor import WorkerSupervisor, visible_gpus, worker_specs
     from kontext_server.files import open_file_store
     from kontext_server.http.app import create_app, tune_threads_for
     from kontext_server.store import open_configured_store
-    from kontext_server.supervisor import WorkerSupervisor, visible_gpus, worker_specs
     from kontext_server.webhooks.signing import WebhookSigner
-    from kontext_server.worker_state import WorkerStates
+    from kontext_server.worker.state import WorkerStates
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_configured_store(settings)  # creates the schema before any worker starts

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kontext_server.config import Settings
-from kontext_server.errors import ConfigError
+from kontext_server.domain.errors import ConfigError
 from kontext_server.files.base import FileStore, StoredFile
 
 __all__ = ["FileStore", "StoredFile", "open_file_store"]

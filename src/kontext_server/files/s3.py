@@ -28,7 +28,7 @@ from botocore.exceptions import (
 )
 
 from kontext_server.config import Settings
-from kontext_server.errors import ConfigError
+from kontext_server.domain.errors import ConfigError
 from kontext_server.files.base import StoredFile, is_valid_file_key
 
 if TYPE_CHECKING:

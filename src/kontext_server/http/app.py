@@ -26,9 +26,10 @@ from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kontext_server import __version__
-from kontext_server.auth import Authenticator, BadKeyThrottle
 from kontext_server.config import Settings
-from kontext_server.fetch import SafeFetcher
+from kontext_server.core.auth import Authenticator, BadKeyThrottle
+from kontext_server.core.retention import CleanupLoop
+from kontext_server.core.service import MaintenanceLoop, QueueService
 from kontext_server.files.base import FileStore
 from kontext_server.http.bfl_api import bfl_router
 from kontext_server.http.context import ApiContext
@@ -48,8 +49,7 @@ from kontext_server.http.playground import playground_router
 from kontext_server.http.proxy import proxy_router
 from kontext_server.http.storage import storage_router
 from kontext_server.http.wellknown import wellknown_router
-from kontext_server.retention import CleanupLoop
-from kontext_server.service import MaintenanceLoop, QueueService
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.base import JobStore
 from kontext_server.webhooks.delivery import WebhookDispatcher
 from kontext_server.webhooks.signing import WebhookSigner

@@ -29,6 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, Field, ValidationError
 
+from kontext_server.domain.jobs import Job
+from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.http.compat import (
     MAX_ENDPOINT,
     MULTI_ENDPOINT,
@@ -43,8 +45,6 @@ from kontext_server.http.compat import (
 from kontext_server.http.context import ApiContext, Context, site_base
 from kontext_server.http.ids import is_request_id
 from kontext_server.http.schemas import SEED_LIMIT, FalInput, NotBool
-from kontext_server.jobs import Job
-from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.webhooks import bfl
 
 __all__ = ["BFL_PREFIX", "IMAGE_FIELDS", "BflKontextRequest", "bfl_router", "to_fal_input"]

@@ -19,11 +19,11 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from kontext_server.auth import Principal
+from kontext_server.core.auth import Principal
+from kontext_server.domain.jobs import Job
 from kontext_server.http.context import ApiContext
 from kontext_server.http.schemas import ENDPOINTS
 from kontext_server.http.sse import fresh_job
-from kontext_server.jobs import Job
 
 __all__ = [
     "MAX_ENDPOINT",

@@ -10,12 +10,12 @@ from typing import Annotated, ParamSpec, TypeVar, cast
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from kontext_server.auth import Authenticator, Principal
 from kontext_server.config import Settings
-from kontext_server.fetch import SafeFetcher
+from kontext_server.core.auth import Authenticator, Principal
+from kontext_server.core.service import QueueService
 from kontext_server.files.base import FileStore
 from kontext_server.http.sse import StreamSlots
-from kontext_server.service import QueueService
+from kontext_server.net.fetch import SafeFetcher
 
 __all__ = ["ApiContext", "Caller", "Context", "api_context", "caller", "site_base"]
 

@@ -18,9 +18,9 @@ import sqlite3
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from kontext_server.auth import AuthError
-from kontext_server.errors import StoreUnavailableError
-from kontext_server.service import IdempotencyConflictError, QueueFullError
+from kontext_server.core.auth import AuthError
+from kontext_server.core.service import IdempotencyConflictError, QueueFullError
+from kontext_server.domain.errors import StoreUnavailableError
 
 __all__ = ["STORE_RETRY_AFTER_S", "install_exception_handlers", "store_unavailable_response"]
 

@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from kontext_server.core.service import SubmitOutcome
+from kontext_server.domain.jobs import CancelOutcome, Job, JobEvent, JobStatus
 from kontext_server.http.context import (
     ApiContext,
     Caller,
@@ -46,8 +48,6 @@ from kontext_server.http.wire import (
     status_body,
     submit_body,
 )
-from kontext_server.jobs import CancelOutcome, Job, JobEvent, JobStatus
-from kontext_server.service import SubmitOutcome
 
 __all__ = [
     "QUEUE_PREFIXES",

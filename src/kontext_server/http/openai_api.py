@@ -33,7 +33,9 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
-from kontext_server.auth import AuthError, Principal
+from kontext_server.core.auth import AuthError, Principal
+from kontext_server.core.service import QueueFullError
+from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.http.compat import (
     MAX_ENDPOINT,
     MULTI_ENDPOINT,
@@ -49,8 +51,6 @@ from kontext_server.http.compat import (
 from kontext_server.http.context import ApiContext, Context, site_base
 from kontext_server.http.schemas import MAX_IMAGE_URLS
 from kontext_server.http.wire import ERROR_STATUS_CODES
-from kontext_server.jobs import Job, JobStatus
-from kontext_server.service import QueueFullError
 
 __all__ = ["OPENAI_PREFIX", "SIZES", "OpenAIError", "openai_router"]
 

@@ -32,8 +32,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from kontext_server.errors import InputError
-from kontext_server.fetch import check_image_source
+from kontext_server.domain.errors import InputError
+from kontext_server.net.fetch import check_image_source
 
 __all__ = [
     "ACCELERATIONS",

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import anyio
 from starlette.concurrency import run_in_threadpool
 
-from kontext_server.errors import StoreUnavailableError
+from kontext_server.core.service import QueueService
+from kontext_server.domain.errors import StoreUnavailableError
+from kontext_server.domain.jobs import Job, JobEvent, JobStatus, Progress
 from kontext_server.http.wire import RequestUrls, status_body
-from kontext_server.jobs import Job, JobEvent, JobStatus, Progress
-from kontext_server.service import QueueService
 
 __all__ = [
     "KEEPALIVE",

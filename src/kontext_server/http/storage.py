@@ -11,7 +11,7 @@
 client's ``fal.storage.upload()`` uses initiate + PUT. The multipart variants (files over
 90-100 MB) are answered 413, as is any upload over ``max_upload_bytes``. ``/cdn/files/upload``
 also accepts an API key (``Key <key>``) instead of a token. What is stored, where, and for
-how long is ``kontext_server.uploads``' business.
+how long is ``kontext_server.core.uploads``' business.
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from kontext_server.auth import AuthError, Principal, key_from_authorization
-from kontext_server.http.compat import BodyTooLargeError, read_capped_body
-from kontext_server.http.context import ApiContext, Caller, Context, site_base
-from kontext_server.http.ids import is_upload_ticket
-from kontext_server.http.schemas import json_body_schema
-from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
-from kontext_server.uploads import (
+from kontext_server.core.auth import AuthError, Principal, key_from_authorization
+from kontext_server.core.uploads import (
     UploadCleanupLoop,
     UploadService,
     UploadTooLargeError,
     lifecycle_ttl_s,
 )
+from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
+from kontext_server.http.compat import BodyTooLargeError, read_capped_body
+from kontext_server.http.context import ApiContext, Caller, Context, site_base
+from kontext_server.http.ids import is_upload_ticket
+from kontext_server.http.schemas import json_body_schema
 
 __all__ = ["CDN_PREFIX", "REST_PREFIX", "storage_router"]
 

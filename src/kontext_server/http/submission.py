@@ -18,11 +18,11 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from kontext_server.errors import ImageFetchError
-from kontext_server.fetch import SafeFetcher, literal_addresses, parsed_url
+from kontext_server.domain.errors import ImageFetchError
+from kontext_server.domain.jobs import PRIORITY_LOW, PRIORITY_NORMAL
+from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.http.schemas import ENDPOINTS, FalInput
-from kontext_server.jobs import PRIORITY_LOW, PRIORITY_NORMAL
-from kontext_server.json_limits import JSONLimitError, json_rules, parse_json
+from kontext_server.net.fetch import SafeFetcher, literal_addresses, parsed_url
 
 __all__ = [
     "SubmitOptions",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kontext_server.jobs import Job, JobEvent, JobStatus
+from kontext_server.domain.jobs import Job, JobEvent, JobStatus
 
 __all__ = [
     "CANCELLED_STATUS_CODE",

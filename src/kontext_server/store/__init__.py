@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kontext_server.config import Settings
-from kontext_server.errors import ConfigError
+from kontext_server.domain.errors import ConfigError
 from kontext_server.store.base import JobStore
 from kontext_server.store.common import DEFAULT_RETENTION_S
 

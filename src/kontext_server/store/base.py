@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from kontext_server.jobs import (
+from kontext_server.domain.jobs import (
     ApiKey,
     CancelOutcome,
     Job,

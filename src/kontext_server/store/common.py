@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kontext_server.errors import ConfigError, StoreError
-from kontext_server.jobs import JobStatus
+from kontext_server.domain.errors import ConfigError, StoreError
+from kontext_server.domain.jobs import JobStatus
 
 __all__ = [
     "API_KEYS_CACHE_S",

@@ -40,8 +40,8 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from kontext_server.errors import StoreError, StoreUnavailableError
-from kontext_server.jobs import (
+from kontext_server.domain.errors import StoreError, StoreUnavailableError
+from kontext_server.domain.jobs import (
     ApiKey,
     CancelOutcome,
     Job,

@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kontext_server.errors import StoreError
-from kontext_server.jobs import (
+from kontext_server.domain.errors import StoreError
+from kontext_server.domain.jobs import (
     ApiKey,
     CancelOutcome,
     Job,

@@ -26,7 +26,7 @@ import hmac
 from datetime import UTC, datetime
 from typing import Any
 
-from kontext_server.jobs import Job, JobStatus
+from kontext_server.domain.jobs import Job, JobStatus
 
 __all__ = [
     "BFL_INPUT_KEY",

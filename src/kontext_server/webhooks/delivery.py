@@ -3,7 +3,7 @@
 The store enqueues one outbox row when a job with a ``webhook_url`` reaches a final status,
 in the same transaction. :class:`WebhookDispatcher` runs in the API process (never in a
 worker, never inline with a request): it claims due rows, builds fal's body for the job,
-signs it and POSTs it through the SSRF-safe :class:`~kontext_server.fetch.SafeFetcher`.
+signs it and POSTs it through the SSRF-safe :class:`~kontext_server.net.fetch.SafeFetcher`.
 
 * a 2xx answer is a delivery; anything else (3xx included: redirects are never followed),
   a network error or a timeout is a failed attempt, retried after ``backoff_s(attempts)``;
@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kontext_server.errors import ImageFetchError
-from kontext_server.fetch import SafeFetcher, URLNotAllowedError
-from kontext_server.jobs import Job, WebhookDelivery
+from kontext_server.domain.errors import ImageFetchError
+from kontext_server.domain.jobs import Job, WebhookDelivery
+from kontext_server.net.fetch import SafeFetcher, URLNotAllowedError
 from kontext_server.store.base import JobStore
 from kontext_server.webhooks.signing import WebhookSigner
 

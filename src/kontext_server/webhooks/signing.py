@@ -26,7 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kontext_server.errors import ConfigError
+from kontext_server.domain.errors import ConfigError
 
 __all__ = ["SIGNATURE_HEADERS", "WebhookSigner", "signed_message"]
 

@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
-from kontext_server.editing import RequestAcceleration
-from kontext_server.engine_options import (
+from kontext_server.domain.editing import RequestAcceleration
+from kontext_server.domain.engine_options import (
     MEMORY_OFFLOADS,
     MEMORY_STORAGES,
     PRESETS,
@@ -60,7 +60,7 @@ from kontext_server.engine_options import (
     MemoryMode,
     parse_memory_mode,
 )
-from kontext_server.errors import ModelLoadError
+from kontext_server.domain.errors import ModelLoadError
 
 __all__ = [
     "MEMORY_OFFLOADS",

@@ -53,12 +53,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from kontext_server.engine_options import PRESETS, parse_memory_mode
+from kontext_server.domain.engine_options import PRESETS, parse_memory_mode
 
 if TYPE_CHECKING:
     import torch
 
-    from kontext_server.editing import EditRequest
+    from kontext_server.domain.editing import EditRequest
     from kontext_server.worker.pipeline import KontextPipeline
 
 __all__ = [
@@ -267,7 +267,7 @@ def _run_dir(options: BenchOptions) -> Path:
 
 
 def _request(options: BenchOptions, prompt: str, output_format: str = "jpeg") -> EditRequest:
-    from kontext_server.editing import EditRequest
+    from kontext_server.domain.editing import EditRequest
 
     pixels = np.random.default_rng(0).integers(
         0, 255, (options.size_px, options.size_px, 3), dtype=np.uint8
@@ -321,7 +321,7 @@ def _measure_prompt_cache(engine: KontextPipeline, options: BenchOptions) -> dic
     """Seconds of the engine's prompt preparation (``_prepare`` of a request without images,
     so only the prompt's part runs) for a new prompt (miss: T5 and CLIP run) and for the same
     prompt again (hit: a lookup)."""
-    from kontext_server.editing import EditRequest
+    from kontext_server.domain.editing import EditRequest
 
     misses: list[float] = []
     hits: list[float] = []
@@ -836,7 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench_once(options: BenchOptions, json_path: Path | None) -> int:
-    from kontext_server.errors import KontextError
+    from kontext_server.domain.errors import KontextError
 
     started = time.perf_counter()
     try:

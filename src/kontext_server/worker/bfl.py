@@ -44,16 +44,16 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 from PIL import Image
 
-from kontext_server import imaging
 from kontext_server.config import Settings
-from kontext_server.errors import ConfigError, EditCancelled, InputError, KontextError
-from kontext_server.fetch import SafeFetcher, load_image_bytes
+from kontext_server.domain.errors import ConfigError, EditCancelled, InputError, KontextError
+from kontext_server.domain.jobs import Job, JobStatus, Progress
 from kontext_server.files import open_file_store
 from kontext_server.files.base import FileStore, new_file_key
-from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.logs import request_context
+from kontext_server.net.fetch import SafeFetcher, load_image_bytes
 from kontext_server.store import open_configured_store
 from kontext_server.store.base import JobStore
+from kontext_server.worker import imaging
 from kontext_server.worker.drain import DrainDeadline
 from kontext_server.worker.runner import EXECUTION_TIMEOUT_ERROR_TYPE
 

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import start_http_server
 
 from kontext_server.config import Settings
-from kontext_server.errors import KontextError
-from kontext_server.fetch import SafeFetcher
+from kontext_server.domain.errors import KontextError
 from kontext_server.files import open_file_store
 from kontext_server.metrics import JobMetrics
+from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store import open_configured_store
 from kontext_server.worker.exit_codes import EXIT_START_FAILED
 from kontext_server.worker.runner import JobRunner, RunnerLimits
-from kontext_server.worker_state import WorkerStates
+from kontext_server.worker.state import WorkerStates
 
 if TYPE_CHECKING:
     from kontext_server.worker.pipeline import KontextPipeline

@@ -40,7 +40,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from kontext_server.errors import ModelLoadError
+from kontext_server.domain.errors import ModelLoadError
 from kontext_server.worker.acceleration import MemoryMode
 
 __all__ = [

@@ -5,7 +5,7 @@
 
 * **BFL's output sizes.** diffusers makes 1024x1024 whatever the input; here the output takes
   the bucket nearest to the first reference's aspect (or ``aspect_ratio`` at ~1 MP), see
-  ``kontext_server.sizing``.
+  ``kontext_server.domain.sizing``.
 * **Several references** with ComfyUI's "offset" scheme, by subclassing diffusers' pipeline
   (:class:`MultiReferenceFluxKontextPipeline`) and overriding only ``prepare_latents``: each
   reference is VAE-encoded on its own, all reference tokens get time id 1 and positions on one
@@ -44,10 +44,11 @@ import diffusers
 import torch
 from PIL import Image
 
-from kontext_server import imaging, sizing
 from kontext_server.config import Settings
-from kontext_server.editing import EditRequest, EditResult, EncodedImage
-from kontext_server.errors import EditCancelled, InputError
+from kontext_server.domain import sizing
+from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.errors import EditCancelled, InputError
+from kontext_server.worker import imaging
 from kontext_server.worker.acceleration import (
     Acceleration,
     Applied,

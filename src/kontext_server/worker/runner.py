@@ -37,8 +37,8 @@ from typing import Any, cast
 
 from PIL import Image
 
-from kontext_server import imaging
-from kontext_server.editing import (
+from kontext_server.core.uploads import read_own_file
+from kontext_server.domain.editing import (
     EditPipeline,
     EditRequest,
     EditResult,
@@ -46,17 +46,17 @@ from kontext_server.editing import (
     OutputFormat,
     RequestAcceleration,
 )
-from kontext_server.errors import EditCancelled, InputError, StoreError
-from kontext_server.fetch import SafeFetcher, load_image_bytes
+from kontext_server.domain.errors import EditCancelled, InputError, StoreError
+from kontext_server.domain.jobs import Job, JobStatus, Progress
 from kontext_server.files.base import FileStore, new_file_key
-from kontext_server.jobs import Job, JobStatus, Progress
 from kontext_server.logs import request_context
 from kontext_server.metrics import JobMetrics
-from kontext_server.safety_policy import ContentSafety, SafetyPolicy, level_of
+from kontext_server.net.fetch import SafeFetcher, load_image_bytes
 from kontext_server.store.base import JobStore
-from kontext_server.uploads import read_own_file
+from kontext_server.worker import imaging
 from kontext_server.worker.drain import DrainDeadline
 from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
+from kontext_server.worker.safety_policy import ContentSafety, SafetyPolicy, level_of
 
 __all__ = ["EXECUTION_TIMEOUT_ERROR_TYPE", "JobRunner", "RunnerLimits"]
 

@@ -4,7 +4,7 @@ Any ``AutoModelForImageClassification`` folder with an image processor works (fo
 ViT NSFW detector saved with ``save_pretrained``). It is loaded with ``local_files_only``: the
 classifier never downloads anything. The NSFW score of an image is the summed probability of
 the labels named in ``KONTEXT_SAFETY_NSFW_LABELS`` (case-insensitive); what a score means per
-``safety_tolerance`` lives in ``kontext_server.safety_policy``.
+``safety_tolerance`` lives in ``kontext_server.worker.safety_policy``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from PIL import Image
 
 from kontext_server.config import Settings
-from kontext_server.errors import ConfigError
-from kontext_server.safety_policy import ContentSafety, policy_from_settings
+from kontext_server.domain.errors import ConfigError
+from kontext_server.worker.safety_policy import ContentSafety, policy_from_settings
 
 __all__ = ["TransformersNSFWClassifier", "content_safety_from_settings"]
 

@@ -15,7 +15,7 @@ Every request made for a caller-supplied URL goes through :class:`SafeFetcher`:
 6. ``timeout_s`` caps the whole operation (DNS, connect, TLS, every read and write), not
    each read; ``max_bytes`` caps the body as it streams, whatever ``Content-Length`` says.
 
-Failures raise :class:`~kontext_server.errors.ImageFetchError` with a message that says
+Failures raise :class:`~kontext_server.domain.errors.ImageFetchError` with a message that says
 what was wrong and what is allowed; refusals by the address policy raise its subclass
 :class:`URLNotAllowedError` (retrying those is pointless).
 """
@@ -41,7 +41,7 @@ import httpcore
 import httpx
 
 from kontext_server import __version__
-from kontext_server.errors import ImageDecodeError, ImageFetchError, InputError
+from kontext_server.domain.errors import ImageDecodeError, ImageFetchError, InputError
 
 __all__ = [
     "ALLOWED_DATA_URI_MIME_TYPES",

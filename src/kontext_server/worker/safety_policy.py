@@ -33,9 +33,9 @@ from typing import Final, Protocol
 from PIL import Image
 
 from kontext_server.config import Settings
-from kontext_server.editing import EditResult, EncodedImage
-from kontext_server.errors import ConfigError, InputError
-from kontext_server.imaging import encode_image
+from kontext_server.domain.editing import EditResult, EncodedImage
+from kontext_server.domain.errors import ConfigError, InputError
+from kontext_server.worker.imaging import encode_image
 
 __all__ = [
     "CONTENT_POLICY_ERROR_TYPE",

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 
+from kontext_server.core.periodic import PeriodicTask
+from kontext_server.domain.jobs import PurgedJob
 from kontext_server.files.base import FileStore
-from kontext_server.jobs import PurgedJob
-from kontext_server.periodic import PeriodicTask
 from kontext_server.store.base import JobStore
 
 __all__ = ["DEFAULT_CLEANUP_BATCH", "CleanupLoop"]

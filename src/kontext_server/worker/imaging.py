@@ -16,8 +16,8 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from kontext_server.editing import EncodedImage, OutputFormat
-from kontext_server.errors import ImageDecodeError
+from kontext_server.domain.editing import EncodedImage, OutputFormat
+from kontext_server.domain.errors import ImageDecodeError
 
 __all__ = [
     "ALLOWED_FORMATS",

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from kontext_server.errors import InputError
+from kontext_server.domain.errors import InputError
 
 __all__ = [
     "MATCH_INPUT_MAX_PX",

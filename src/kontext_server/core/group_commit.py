@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kontext_server.jobs import NewJob, Submitted
+from kontext_server.domain.jobs import NewJob, Submitted
 from kontext_server.metrics import SUBMIT_BATCH_SIZE
 from kontext_server.store.base import JobStore
 

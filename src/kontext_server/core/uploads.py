@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from kontext_server.auth import AuthError
 from kontext_server.config import Settings
-from kontext_server.errors import ImageFetchError, InputError
+from kontext_server.core.auth import AuthError
+from kontext_server.core.periodic import PeriodicTask
+from kontext_server.domain.errors import ImageFetchError, InputError
+from kontext_server.domain.json_limits import JSONLimitError, parse_json
 from kontext_server.files.base import FileStore, StoredFile, content_type_for_key
-from kontext_server.json_limits import JSONLimitError, parse_json
-from kontext_server.periodic import PeriodicTask
 
 __all__ = [
     "UPLOAD_PREFIX",

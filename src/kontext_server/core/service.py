@@ -25,10 +25,10 @@ from typing import Any, TypedDict, Unpack
 import uuid6
 
 from kontext_server.config import Settings
-from kontext_server.errors import KontextError
-from kontext_server.files.base import FileStore
-from kontext_server.group_commit import GroupCommit
-from kontext_server.jobs import (
+from kontext_server.core.group_commit import GroupCommit
+from kontext_server.core.periodic import PeriodicTask
+from kontext_server.domain.errors import KontextError
+from kontext_server.domain.jobs import (
     PRIORITY_NORMAL,
     CancelOutcome,
     Job,
@@ -37,7 +37,7 @@ from kontext_server.jobs import (
     NewJob,
     Submitted,
 )
-from kontext_server.periodic import PeriodicTask
+from kontext_server.files.base import FileStore
 from kontext_server.store.base import JobStore
 from kontext_server.webhooks import bfl
 

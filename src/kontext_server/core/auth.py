@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kontext_server.config import Settings
-from kontext_server.errors import KontextError
-from kontext_server.jobs import ApiKey
+from kontext_server.domain.errors import KontextError
+from kontext_server.domain.jobs import ApiKey
 from kontext_server.store.base import JobStore
 
 __all__ = [

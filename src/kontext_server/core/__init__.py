@@ -1,0 +1,1 @@
+"""The service core: submit, get, cancel, auth, uploads, retention; protocol-free."""

@@ -1,0 +1,1 @@
+"""Domain types: no I/O, no framework (the import contract says so)."""

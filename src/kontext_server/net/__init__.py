@@ -1,0 +1,1 @@
+"""Outbound network: the SSRF-safe fetcher."""
