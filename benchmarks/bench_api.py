@@ -841,13 +841,14 @@ class _OverheadRig:
 
 def overhead_job_input(data_uri: str) -> dict[str, Any]:
     """``Job.input`` as submit stores it: the spec's prompt, validated by the real schema."""
-    from kontext_server.http.schemas import ENDPOINTS
+    from kontext_server.http.fal.inputs import stored_input
+    from kontext_server.http.fal.schemas import ENDPOINTS
 
     validated = ENDPOINTS[ENDPOINT].model_validate(
         {"prompt": SPEC_INPUT["prompt"], "image_url": data_uri},
         context={"max_data_uri_bytes": Settings().max_image_bytes},
     )
-    return validated.model_dump(mode="json")
+    return stored_input(validated)
 
 
 def measure_job_overhead(options: BenchOptions, folder: Path) -> dict[str, Any]:
@@ -863,7 +864,7 @@ def _measure_job_overhead(options: BenchOptions, folder: Path, store_url: str) -
     data_uri = jpeg_data_uri(options.image_side_px)
     rig = _OverheadRig.build(folder, store_url, options)
     try:
-        service = QueueService(cast(JobStore, rig.store), cast(FileStore, rig.files), Settings())
+        service = QueueService(cast(JobStore, rig.store), Settings())
         job_input = overhead_job_input(data_uri)
         ids = [service.submit(ENDPOINT, job_input).job.id for _ in range(options.overhead_jobs + 1)]
         rig.runner.run_next()  # warm-up: first thread, first connection, first decode

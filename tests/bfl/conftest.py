@@ -40,7 +40,7 @@ def rig(tmp_path: Path, standin: StandInBfl) -> Iterator[Rig]:
         )
         return BflWorker(store, files, clients[-1], fetcher, worker_id=worker_id, limits=limits)
 
-    yield Rig(store, files, QueueService(store, files, settings), standin, make_worker)
+    yield Rig(store, files, QueueService(store, settings), standin, make_worker)
     for client in clients:
         client.close()
     store.close()

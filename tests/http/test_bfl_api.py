@@ -23,8 +23,8 @@ from kontext_server.core.auth import create_api_key
 from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
+from kontext_server.http.bfl.wire import BFL_INPUT_KEY
 from kontext_server.store.sqlite import SQLiteJobStore
-from kontext_server.webhooks.bfl import BFL_INPUT_KEY
 from kontext_server.webhooks.signing import WebhookSigner
 
 IMAGE_URL = "https://example.com/cat.png"
@@ -264,10 +264,10 @@ def test_bfl_webhook_of_a_failure_is_an_error_body(
     job_id = bfl_submit(client, body).json()["id"]
     worker.claim()
     worker.fail("boom", "internal_error")
-    service = app.state.context.service
-    job = service.get(job_id)
+    job = app.state.context.service.get(job_id)
+    webhooks = app.state.services.webhooks
 
-    payload = service.webhook_payload(job)
+    payload = webhooks.payload(job)
 
     assert job.status is JobStatus.FAILED and job.input[BFL_INPUT_KEY] == {"webhook_secret": None}
     assert (payload["status"], payload["error"], payload["message"]) == (
@@ -275,7 +275,7 @@ def test_bfl_webhook_of_a_failure_is_an_error_body(
         "internal_error",
         "boom",
     )
-    assert service.webhook_headers(job, b"{}") == {}  # no secret: no X-BFL-Signature
+    assert webhooks.headers(job, b"{}") == {}  # no secret: no X-BFL-Signature
 
 
 def test_fal_jobs_keep_fals_webhook_body(
@@ -292,4 +292,4 @@ def test_fal_jobs_keep_fals_webhook_body(
     job = app.state.context.service.get(response.json()["request_id"])
 
     assert BFL_INPUT_KEY not in job.input  # a fal caller cannot pose as a BFL job
-    assert "request_id" in app.state.context.service.webhook_payload(job)
+    assert "request_id" in app.state.services.webhooks.payload(job)

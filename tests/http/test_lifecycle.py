@@ -102,7 +102,7 @@ def test_a_malformed_preference_is_logged_and_the_default_applies(
     caplog: pytest.LogCaptureFixture,
     value: str,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="kontext_server.http.submission"):
+    with caplog.at_level(logging.WARNING, logger="kontext_server.http.fal.submission"):
         request_id = submit_and_finish(client, worker, {LIFECYCLE: value})
 
     assert "ignoring X-Fal-Object-Lifecycle-Preference" in caplog.text

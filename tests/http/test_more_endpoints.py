@@ -10,7 +10,7 @@ import pytest
 from http_support import IMAGE_URL, PlayedWorker, submit
 from starlette.testclient import TestClient
 
-from kontext_server.http.schemas import ENDPOINTS, RESOLUTION_MODES
+from kontext_server.http.fal.schemas import ENDPOINTS, RESOLUTION_MODES
 from kontext_server.store.sqlite import SQLiteJobStore
 
 PRO = "fal-ai/flux-pro/kontext"

@@ -13,7 +13,7 @@ from http_support import LOOPBACK, MAX, PlayedWorker, edit_body
 from starlette.testclient import TestClient
 
 from kontext_server.core.auth import create_api_key
-from kontext_server.http.proxy import ProxyTargetError, route_target
+from kontext_server.http.fal.proxy import ProxyTargetError, route_target
 from kontext_server.store.sqlite import SQLiteJobStore
 
 QUEUE = "https://queue.fal.run"

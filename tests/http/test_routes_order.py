@@ -17,7 +17,7 @@ from http_support import IMAGE_URL, MAX, LiveServer, edit_body
 from starlette.routing import BaseRoute, Match
 from starlette.testclient import TestClient
 
-from kontext_server.http.schemas import ENDPOINTS, MaxMultiInput, TextToImageInput
+from kontext_server.http.fal.schemas import ENDPOINTS, MaxMultiInput, TextToImageInput
 from kontext_server.metrics import SUBMIT_BATCH_SIZE
 from kontext_server.store.sqlite import SQLiteJobStore
 

@@ -9,7 +9,7 @@ import pytest
 from http_support import IMAGE_URL, MAX, MULTI, edit_body, submit, tiny_png_data_uri
 from starlette.testclient import TestClient
 
-from kontext_server.http.schemas import MAX_IMAGE_URLS, PROMPT_MAX_CHARS, MaxInput
+from kontext_server.http.fal.schemas import MAX_IMAGE_URLS, PROMPT_MAX_CHARS, MaxInput
 
 
 def errors_of(client: TestClient, body: Any, path: str = MAX) -> list[dict[str, Any]]:

@@ -21,10 +21,10 @@ from http_support import LOOPBACK, MAX, LiveServer, PlayedWorker, edit_body, sub
 from starlette.testclient import TestClient
 
 from kontext_server.config import Settings
-from kontext_server.core.service import QueueService
 from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
+from kontext_server.http.webhooks import JobWebhooks
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.signing import WebhookSigner
 
@@ -141,9 +141,9 @@ def test_webhook_payload_of_a_failure_is_an_error_body(
     worker.fail("cannot decode the image", "image_load_error")
     job = store.get(answer["request_id"])
     assert job is not None
-    service: QueueService = app.state.context.service
+    webhooks: JobWebhooks = app.state.services.webhooks
 
-    assert service.webhook_payload(job) == {
+    assert webhooks.payload(job) == {
         "request_id": job.id,
         "gateway_request_id": job.id,
         "status": "ERROR",
@@ -161,7 +161,7 @@ def test_webhook_payload_reports_an_output_that_cannot_be_rendered(
     job = store.get(answer["request_id"])
     assert job is not None
 
-    payload = app.state.context.service.webhook_payload(job)
+    payload = app.state.services.webhooks.payload(job)
 
     assert payload["status"] == "OK"
     assert payload["payload"] is None

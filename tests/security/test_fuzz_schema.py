@@ -23,7 +23,7 @@ from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 from kontext_server.core.auth import create_api_key
-from kontext_server.http.wire import endpoint_matches
+from kontext_server.http.fal.wire import endpoint_matches
 
 FUZZ_EXAMPLES = 20
 

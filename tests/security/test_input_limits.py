@@ -13,7 +13,7 @@ from http_support import LOOPBACK, MAX, MULTI, AppFactory, LiveServer, edit_body
 from starlette.testclient import TestClient
 
 from kontext_server.core.auth import create_api_key
-from kontext_server.http.schemas import MAX_IMAGE_URLS, PROMPT_MAX_CHARS
+from kontext_server.http.fal.schemas import MAX_IMAGE_URLS, PROMPT_MAX_CHARS
 from kontext_server.store.sqlite import SQLiteJobStore
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from kontext_server.config import Settings
 from kontext_server.core.service import QueueService
-from kontext_server.files.local import LocalFileStore
 from kontext_server.store.sqlite import SQLiteJobStore
 
 ENDPOINT = "fal-ai/flux-pro/kontext/max"
@@ -17,7 +16,7 @@ INPUT = {"prompt": "make it blue", "image_url": "https://example.com/in.png"}
 
 def test_request_ids_are_version_7_uuids_in_submit_order(tmp_path: Path) -> None:
     store = SQLiteJobStore(tmp_path / "jobs.db")
-    service = QueueService(store, LocalFileStore(tmp_path / "files"), Settings(data_dir=tmp_path))
+    service = QueueService(store, Settings(data_dir=tmp_path))
     try:
         ids = [service.submit(ENDPOINT, INPUT).job.id for _ in range(500)]
     finally:

@@ -15,12 +15,12 @@ from PIL import Image
 from pydantic import SecretStr
 
 from kontext_server.config import Settings
-from kontext_server.core.service import QueueService
 from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
 from kontext_server.domain.errors import ConfigError
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files import open_file_store
 from kontext_server.files.s3 import S3FileStore, S3Location, make_s3_client, parse_s3_url
+from kontext_server.http.fal.results import render_output
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.runner import JobRunner
@@ -247,7 +247,7 @@ def test_a_worker_result_stored_in_s3_renders_a_link_that_downloads_the_image(
             runner.close()
         job = store.get(job_id)
         assert job is not None and job.status is JobStatus.SUCCEEDED, job and job.error
-        output = QueueService(store, files, s3_settings).render_output(job, "http://api.local")
+        output = render_output(job, "http://api.local", files)
     finally:
         store.close()
     url = output["images"][0]["url"]

@@ -20,7 +20,7 @@ from kontext_server.domain import sizing
 from kontext_server.domain.editing import EditRequest, EditResult
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
-from kontext_server.http.schemas import DevInput, FalInput, TextToImageInput
+from kontext_server.http.fal.schemas import DevInput, FalInput, TextToImageInput
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.pipeline import KontextPipeline

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,6 +22,12 @@ from kontext_server.cli.common import (
     load_settings,
 )
 from kontext_server.config import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from kontext_server.cli.supervisor import WorkerSpec
+    from kontext_server.store.base import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -118,25 +125,51 @@ def serve(
 def run_server(
     settings: Settings, *, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
 ) -> None:
-    import uvicorn
-
     from kontext_server.metrics import prepare_multiprocess_dir
 
     # before anything imports prometheus_client: this process and its workers share samples
     metrics_dir = settings.data_dir / "metrics"
     prepare_multiprocess_dir(metrics_dir)
 
-    from prometheus_client.multiprocess import mark_process_dead
-
-    from kontext_server.cli.supervisor import WorkerSupervisor, visible_gpus, worker_specs
     from kontext_server.files import open_file_store
-    from kontext_server.http.app import create_app, tune_threads_for
+    from kontext_server.http.app import build_app
+    from kontext_server.http.services import ApiServices
+
+    store = _open_store(settings)  # creates the schema before any worker starts
+    files = open_file_store(settings.files_url(), settings)
+    services = ApiServices.build(settings, store, files)
+    workers = _Workers(settings, metrics_dir)
+    api = build_app(
+        services,
+        metrics_dir=metrics_dir,
+        readiness_checks=[workers.readiness],
+        shutdown_hooks=[workers.stop],
+        freeze_heap=True,
+    )
+    workers.start()
+    log.info(
+        "serving on %s://%s:%d with %d worker(s); requests queue until a worker has loaded "
+        "the model and logged 'worker ... ready'",
+        "https" if ssl_certfile else "http",
+        settings.host,
+        settings.port,
+        workers.count,
+    )
+    try:
+        _run_uvicorn(api, settings, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    finally:
+        workers.stop()  # idempotent: also reached when uvicorn returns normally (Ctrl-C)
+        store.close()
+
+
+def _open_store(settings: Settings) -> JobStore:
+    """The configured job store, its schema created; refuses a non-loopback bind with no API
+    key unless ``insecure_no_auth``."""
+    from kontext_server.http.app import tune_threads_for
     from kontext_server.store import open_configured_store
-    from kontext_server.webhooks.signing import WebhookSigner
-    from kontext_server.worker.state import WorkerStates
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_configured_store(settings)  # creates the schema before any worker starts
+    store = open_configured_store(settings)
     tune_threads_for(store)
     if not is_loopback_host(settings.host) and not store.has_api_keys():
         if not settings.insecure_no_auth:
@@ -147,8 +180,13 @@ def run_server(
                 param_hint="--host",
             )
         log.warning("serving on %s with authentication OFF (--insecure-no-auth)", settings.host)
-    files = open_file_store(settings.files_url(), settings)
-    signer = WebhookSigner.load_or_create(settings.data_dir / "webhook-ed25519.pem")
+    return store
+
+
+def _worker_specs(settings: Settings) -> tuple[list[WorkerSpec], int]:
+    """The worker processes to start, and how many of them run the model locally."""
+    from kontext_server.cli.supervisor import visible_gpus, worker_specs
+
     gpus = visible_gpus(os.environ)
     count = settings.workers if settings.workers is not None else max(1, len(gpus))
     specs = worker_specs(count, gpus, worker_argv(settings))
@@ -159,67 +197,70 @@ def run_server(
         [bfl] = worker_specs(1, [], [*worker_argv(settings), "--engine", "bfl"])
         bfl.engine = "bfl"
         specs.append(bfl)
-    states = WorkerStates(settings.data_dir / "workers")
-    states.clear()  # files of an earlier run (a killed serve) would speak for reused pids
-    start_failure: list[str] = []  # why the last worker that gave up could not start
+    return specs, count
 
-    def worker_ended(pid: int) -> None:
-        mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
-        state = states.read(pid)
-        if state is not None and state.state == "failed":
-            start_failure[:] = [state.detail]
-        states.remove(pid)
 
-    supervisor = WorkerSupervisor(specs, on_exit=worker_ended)
+class _Workers:
+    """This node's worker processes under a ``WorkerSupervisor``, and whether one is ready
+    (a ``/readyz`` check). ``stop`` is idempotent."""
 
-    def stop_workers() -> None:
-        supervisor.stop(timeout_s=settings.drain_timeout_s + 15)
+    def __init__(self, settings: Settings, metrics_dir: Path) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
 
-    def a_worker_is_ready() -> str | None:
+        from kontext_server.cli.supervisor import WorkerSupervisor
+        from kontext_server.worker.state import WorkerStates
+
+        self._settings = settings
+        self._metrics_dir = metrics_dir
+        self._mark_process_dead = mark_process_dead
+        specs, self.count = _worker_specs(settings)
+        self._states = WorkerStates(settings.data_dir / "workers")
+        self._states.clear()  # files of an earlier run (a killed serve) would speak for reused pids
+        self._start_failure: str | None = None  # why the last worker that gave up could not start
+        self._supervisor = WorkerSupervisor(specs, on_exit=self._ended)
+
+    def start(self) -> None:
+        self._supervisor.start()
+
+    def stop(self) -> None:
+        self._supervisor.stop(timeout_s=self._settings.drain_timeout_s + 15)
+
+    def readiness(self) -> str | None:
         """Ready once a model worker has loaded (and compiled) its model."""
-        if not count:
+        if not self.count:
             return None
-        pids = supervisor.pids_of("local")
+        pids = self._supervisor.pids_of("local")
         problem = (
-            states.readiness(pids) if pids else f"none of the {count} worker process(es) is running"
+            self._states.readiness(pids)
+            if pids
+            else f"none of the {self.count} worker process(es) is running"
         )
-        if problem and start_failure:
-            problem += f"; the last worker that exited could not start: {start_failure[0]}"
+        if problem and self._start_failure is not None:
+            problem += f"; the last worker that exited could not start: {self._start_failure}"
         return problem
 
-    api = create_app(
-        settings,
-        store,
-        files,
-        signer=signer,
-        metrics_dir=metrics_dir,
-        readiness_checks=[a_worker_is_ready],
-        shutdown_hooks=[stop_workers],
-        freeze_heap=True,
+    def _ended(self, pid: int) -> None:
+        self._mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+        state = self._states.read(pid)
+        if state is not None and state.state == "failed":
+            self._start_failure = state.detail
+        self._states.remove(pid)
+
+
+def _run_uvicorn(
+    api: FastAPI, settings: Settings, *, ssl_certfile: str | None, ssl_keyfile: str | None
+) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        api,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # keep our handlers (text or JSON, with request ids)
+        access_log=False,  # the access log middleware writes one line per request
+        timeout_graceful_shutdown=5,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        root_path=settings.root_path,
     )
-    supervisor.start()
-    scheme = "https" if ssl_certfile else "http"
-    log.info(
-        "serving on %s://%s:%d with %d worker(s); requests queue until a worker has loaded "
-        "the model and logged 'worker ... ready'",
-        scheme,
-        settings.host,
-        settings.port,
-        count,
-    )
-    try:
-        uvicorn.run(
-            api,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            log_config=None,  # keep our handlers (text or JSON, with request ids)
-            access_log=False,  # the access log middleware writes one line per request
-            timeout_graceful_shutdown=5,
-            ssl_certfile=ssl_certfile,
-            ssl_keyfile=ssl_keyfile,
-            root_path=settings.root_path,
-        )
-    finally:
-        stop_workers()  # idempotent: also reached when uvicorn returns normally (Ctrl-C)
-        store.close()

@@ -1,8 +1,8 @@
-"""The queue service: submit / get / cancel / render, in domain words, over the stores.
+"""The queue service: submit / get / cancel / logs, in domain words, over the job store.
 
-The HTTP layer (``http/``) translates fal's protocol to these verbs; nothing here knows about
-HTTP status codes or fal's status names. Webhook bodies (PROTOCOL.md §9) are built here
-because the ``WebhookDispatcher`` asks for them (``webhook_payload``).
+The HTTP skins (``http/``) translate their protocols to these verbs; nothing here knows about
+HTTP status codes, a protocol's status names, or the shapes of results and webhook bodies
+(the skins render those: ``http/webhooks.py``).
 
 Submit enforces two bounds before it inserts: ``max_queued_per_key`` queued jobs per API key
 and ``max_queue_size`` queued jobs in all; past either it raises ``QueueFullError`` (answered
@@ -15,7 +15,6 @@ one; the store's maintenance calls are idempotent.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,13 +32,10 @@ from kontext_server.domain.jobs import (
     CancelOutcome,
     Job,
     JobEvent,
-    JobStatus,
     NewJob,
     Submitted,
 )
-from kontext_server.files.base import FileStore
 from kontext_server.store.base import JobStore
-from kontext_server.webhooks import bfl
 
 __all__ = [
     "RETRY_AFTER_S",
@@ -50,8 +46,6 @@ __all__ = [
     "SubmitArgs",
     "SubmitOutcome",
 ]
-
-log = logging.getLogger(__name__)
 
 _EVENTS_PAGE = 1000
 
@@ -108,13 +102,11 @@ class QueueService:
     def __init__(
         self,
         store: JobStore,
-        files: FileStore,
         settings: Settings,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.files = files
         self.settings = settings
         self._clock = clock
         self._group_commit = GroupCommit(store, admit=self.refusals)
@@ -252,50 +244,6 @@ class QueueService:
             if len(page) < _EVENTS_PAGE:
                 return events
             after_id = page[-1].id
-
-    # --- rendering ------------------------------------------------------------------------------
-    def render_output(self, job: Job, base_url: str) -> dict[str, Any]:
-        """The endpoint's output JSON (PROTOCOL.md §8) of a succeeded job: every stored image
-        gets a ``url`` under ``base_url`` (where the client reached this server)."""
-        if job.result is None:
-            raise ValueError(f"job {job.id} has no result (status {job.status})")
-        output = dict(job.result)
-        output["images"] = [self._render_image(image, base_url) for image in job.result["images"]]
-        return output
-
-    def _render_image(self, image: dict[str, Any], base_url: str) -> dict[str, Any]:
-        rendered = {k: v for k, v in image.items() if k != "file_key"}
-        if image.get("file_key"):
-            rendered["url"] = self.files.url(image["file_key"], base_url)
-        return rendered
-
-    def webhook_payload(self, job: Job) -> dict[str, Any]:
-        """fal's webhook body (PROTOCOL.md §9); file URLs use where the submitter reached us.
-        A job submitted through the BFL API gets BFL's body instead (``webhooks/bfl.py``)."""
-        if bfl.is_bfl_job(job):
-            return self._bfl_webhook_payload(job)
-        body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
-        if job.status is not JobStatus.SUCCEEDED:
-            error = job.error or f"Request ended with status {job.status}"
-            detail = {"detail": error, "error_type": job.error_type or "internal_error"}
-            return {**body, "status": "ERROR", "error": error, "payload": detail}
-        try:
-            payload: dict[str, Any] | None = self.render_output(job, job.base_url or "")
-        except Exception as exc:  # the output is data of a finished job: report, never raise
-            log.exception("cannot render the output of job %s for its webhook", job.id)
-            return {**body, "status": "OK", "payload": None, "payload_error": str(exc)}
-        return {**body, "status": "OK", "payload": payload}
-
-    def _bfl_webhook_payload(self, job: Job) -> dict[str, Any]:
-        output = None
-        if job.status is JobStatus.SUCCEEDED:
-            output = self.render_output(job, job.base_url or "")
-        return bfl.webhook_body(job, output, now_s=self._clock())
-
-    def webhook_headers(self, job: Job, body: bytes) -> dict[str, str]:
-        """Headers sent beside fal's signature headers: ``X-BFL-Signature`` (HMAC-SHA256 with
-        the submitter's ``webhook_secret``) for a BFL job that gave one, else none."""
-        return bfl.signature_headers(job, body)
 
 
 class MaintenanceLoop:

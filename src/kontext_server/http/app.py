@@ -1,40 +1,33 @@
-"""``create_app``: the FastAPI application of the API process.
+"""The FastAPI application of the API process: ``build_app`` over ``ApiServices``, and
+``create_app``, which builds the services from the settings and the stores first.
 
 Routes (PROTOCOL.md §1): the queue API at ``/`` and ``/queue/``, sync runs at ``/run/``,
-output files at ``/files/``, webhook keys at ``/.well-known/jwks.json``. While the app runs,
-daemon threads work beside it: the queue maintenance loop (lost workers, start deadlines),
-the retention cleanup (expired results and their files) and the webhook dispatcher (the
-durable outbox). The API process never imports torch.
+output files at ``/files/``, webhook keys at ``/.well-known/jwks.json``, BFL's and OpenAI's
+APIs under ``/v1/``. While the app runs, the daemon threads of ``http/background.py`` work
+beside it. The API process never imports torch.
 """
 
 from __future__ import annotations
 
-import gc
 import inspect
-import os
-import socket
 import sys
-import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kontext_server import __version__
 from kontext_server.config import Settings
-from kontext_server.core.auth import Authenticator, BadKeyThrottle
-from kontext_server.core.retention import CleanupLoop
-from kontext_server.core.service import MaintenanceLoop, QueueService
 from kontext_server.files.base import FileStore
-from kontext_server.http.bfl_api import bfl_router
+from kontext_server.http.background import Background
+from kontext_server.http.bfl.routes import bfl_router
 from kontext_server.http.context import ApiContext
 from kontext_server.http.errors import install_exception_handlers
-from kontext_server.http.fal import (
+from kontext_server.http.fal.proxy import proxy_router
+from kontext_server.http.fal.routes import (
     QUEUE_PREFIXES,
     add_request_routes,
     add_submit_routes,
@@ -42,27 +35,27 @@ from kontext_server.http.fal import (
     add_unknown_request_route,
     run_router,
 )
+from kontext_server.http.fal.storage import storage_router
 from kontext_server.http.files import files_router
-from kontext_server.http.openai_api import openai_router
+from kontext_server.http.openai.routes import openai_router
 from kontext_server.http.ops import AccessLogMiddleware, ReadinessCheck, ops_router
 from kontext_server.http.playground import playground_router
-from kontext_server.http.proxy import proxy_router
-from kontext_server.http.storage import storage_router
+from kontext_server.http.services import WEBHOOK_KEY_FILE, ApiServices
 from kontext_server.http.wellknown import wellknown_router
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.base import JobStore
-from kontext_server.webhooks.delivery import WebhookDispatcher
 from kontext_server.webhooks.signing import WebhookSigner
 
 __all__ = [
     "CORS_ALLOWED_HEADERS",
     "NETWORK_STORE_SWITCH_INTERVAL_S",
     "WEBHOOK_KEY_FILE",
+    "AppOptions",
+    "build_app",
     "create_app",
     "tune_threads_for",
 ]
 
-WEBHOOK_KEY_FILE = "webhook-ed25519.pem"  # under Settings.data_dir
 # With a store that waits on the network, every status poll and submit batch runs its store
 # call in a thread, which then waits for the GIL while the event loop holds it: up to
 # Python's switch interval (5 ms) per hand-over, twice per call. 1 ms cut the status p50 on
@@ -89,8 +82,35 @@ CORS_ALLOWED_HEADERS = [
     "x-key",  # BFL API
 ]
 _NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
-_WEBHOOK_RESPONSE_MAX_BYTES = 64 * 1024
 _BASE64_SLACK = 1024  # room for "data:image/...;base64," around the encoded bytes
+
+
+class AppOptions(TypedDict, total=False):
+    """``build_app``'s options.
+
+    ``run_background=False`` (default ``True``) starts none of the maintenance loop (every
+    ``maintenance_interval_s``, default 1 s), the retention cleanup and the webhook
+    dispatcher (tests that drive them by hand). Status streams send a keep-alive comment
+    after ``stream_keepalive_s`` (15 s) of silence; streams and sync runs re-read the store
+    every ``poll_interval_s`` (0.1 s). ``metrics_dir`` is the prometheus_client
+    multiprocess folder shared with this node's workers (None: this process's own metrics);
+    ``readiness_checks`` are extra conditions for ``/readyz`` (e.g. a worker is alive);
+    ``shutdown_hooks`` run when the app stops (``serve`` stops its workers there, because
+    uvicorn re-raises SIGTERM once the app has stopped). ``freeze_heap=True`` (what ``serve``
+    does) moves every object alive once the app has started out of the garbage collector's
+    reach (``gc.freeze``): the app's own long-lived objects (routes, models, schemas) are
+    then not traversed again by every full collection, which cost ~25 µs per submit
+    (docs/performance.md). Leave it off where many apps come and go in one process (tests).
+    """
+
+    run_background: bool
+    maintenance_interval_s: float
+    stream_keepalive_s: float
+    poll_interval_s: float
+    metrics_dir: Path | None
+    readiness_checks: Sequence[ReadinessCheck]
+    shutdown_hooks: Sequence[Callable[[], None]]
+    freeze_heap: bool
 
 
 def tune_threads_for(store: JobStore) -> None:
@@ -109,86 +129,56 @@ def create_app(
     signer: WebhookSigner | None = None,
     fetcher: SafeFetcher | None = None,
     clock: Callable[[], float] = time.time,
-    run_background: bool = True,
-    maintenance_interval_s: float = 1.0,
-    stream_keepalive_s: float = 15.0,
-    poll_interval_s: float = 0.1,
-    metrics_dir: Path | None = None,
-    readiness_checks: Sequence[ReadinessCheck] = (),
-    shutdown_hooks: Sequence[Callable[[], None]] = (),
-    freeze_heap: bool = False,
+    **options: Unpack[AppOptions],
 ) -> FastAPI:
     """The API over ``store`` and ``files``; the caller owns (and closes) both.
-
-    ``signer`` defaults to the key in ``settings.data_dir`` (created on first use);
-    ``fetcher`` (webhook delivery) to a ``SafeFetcher`` with the settings' allow-list.
-    ``run_background=False`` starts none of the maintenance loop, the retention cleanup and
-    the webhook dispatcher (tests that drive them by hand). ``metrics_dir`` is the
-    prometheus_client multiprocess folder shared with this node's workers (None: this
-    process's own metrics);
-    ``readiness_checks`` are extra conditions for ``/readyz`` (e.g. a worker is alive);
-    ``shutdown_hooks`` run when the app stops (``serve`` stops its workers there, because
-    uvicorn re-raises SIGTERM once the app has stopped). ``freeze_heap=True`` (what ``serve``
-    does) moves every object alive once the app has started out of the garbage collector's
-    reach (``gc.freeze``): the app's own long-lived objects (routes, models, schemas) are
-    then not traversed again by every full collection, which cost ~25 µs per submit
-    (docs/performance.md). Leave it off where many apps come and go in one process (tests)."""
-    signer = signer or WebhookSigner.load_or_create(settings.data_dir / WEBHOOK_KEY_FILE)
-    service = QueueService(store, files, settings, clock=clock)
-    context = ApiContext(
-        settings=settings,
-        service=service,
-        files=files,
-        authenticator=Authenticator(
-            store,
-            insecure_no_auth=settings.insecure_no_auth,
-            throttle=BadKeyThrottle.from_settings(settings),
-        ),
-        stream_keepalive_s=stream_keepalive_s,
-        poll_interval_s=poll_interval_s,
-        max_body_bytes=_max_body_bytes(settings),
-        max_data_uri_bytes=settings.max_image_bytes,
-        url_checker=_webhook_fetcher(settings),
+    ``signer``, ``fetcher`` and ``clock``: ``ApiServices.build``; the rest: ``AppOptions``."""
+    services = ApiServices.build(
+        settings, store, files, signer=signer, fetcher=fetcher, clock=clock
     )
-    background = _Background(
-        MaintenanceLoop(store, interval_s=maintenance_interval_s),
-        CleanupLoop(store, files, interval_s=settings.cleanup_interval_s),
-        WebhookDispatcher(
-            store,
-            signer,
-            fetcher or _webhook_fetcher(settings),
-            service.webhook_payload,
-            extra_headers_for=service.webhook_headers,
-            claimer_id=f"api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
-            max_attempts=settings.webhook_max_attempts,
-            clock=clock,
-        ),
-        enabled=run_background,
-        shutdown_hooks=shutdown_hooks,
-        freeze_heap=freeze_heap,
+    return build_app(services, **options)
+
+
+def build_app(services: ApiServices, **options: Unpack[AppOptions]) -> FastAPI:
+    """The API over ``services`` (see ``AppOptions``)."""
+    background = Background.for_services(
+        services,
+        enabled=options.get("run_background", True),
+        maintenance_interval_s=options.get("maintenance_interval_s", 1.0),
+        shutdown_hooks=options.get("shutdown_hooks", ()),
+        freeze_heap=options.get("freeze_heap", False),
     )
     app = FastAPI(
         title="kontext-server",
         version=__version__,
         description="FLUX.1 Kontext editing behind fal.ai's queue API.",
         lifespan=background.lifespan,
-        **_telemetry_options(settings),
+        **_telemetry_options(services.settings),
     )
-    app.state.context = context
-    app.state.signer = signer
-    _install_routes(
-        app, ops_router(store, multiprocess_dir=metrics_dir, checks=[*readiness_checks])
-    )
+    app.state.services = services
+    app.state.context = _context(services, options)
+    app.state.signer = services.signer
+    checks = [*options.get("readiness_checks", ())]
+    ops = ops_router(services.store, multiprocess_dir=options.get("metrics_dir"), checks=checks)
+    _install_routes(app, ops)
     install_exception_handlers(app)
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=["*"],
-        allow_methods=["GET", "HEAD", "POST", "PUT", "OPTIONS"],
-        allow_headers=CORS_ALLOWED_HEADERS,
-        expose_headers=["x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type"],
-    )
-    app.add_middleware(AccessLogMiddleware)
+    _add_middleware(app)
     return app
+
+
+def _context(services: ApiServices, options: AppOptions) -> ApiContext:
+    settings = services.settings
+    return ApiContext(
+        settings=settings,
+        service=services.queue,
+        files=services.files,
+        authenticator=services.authenticator,
+        stream_keepalive_s=options.get("stream_keepalive_s", 15.0),
+        poll_interval_s=options.get("poll_interval_s", 0.1),
+        max_body_bytes=_max_body_bytes(settings),
+        max_data_uri_bytes=settings.max_image_bytes,
+        url_checker=services.url_checker,
+    )
 
 
 def _install_routes(app: FastAPI, ops: APIRouter) -> None:
@@ -216,6 +206,17 @@ def _install_routes(app: FastAPI, ops: APIRouter) -> None:
         add_unknown_endpoint_route(app, prefix)
 
 
+def _add_middleware(app: FastAPI) -> None:
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["GET", "HEAD", "POST", "PUT", "OPTIONS"],
+        allow_headers=CORS_ALLOWED_HEADERS,
+        expose_headers=["x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type"],
+    )
+    app.add_middleware(AccessLogMiddleware)
+
+
 def _telemetry_options(settings: Settings) -> dict[str, Any]:
     """FastAPI's native OpenTelemetry off unless ``KONTEXT_OPENTELEMETRY`` (FastAPI versions
     without it take no such option, and have nothing to turn off)."""
@@ -228,69 +229,3 @@ def _max_body_bytes(settings: Settings) -> int:
     """Room for two inline images of the allowed size (base64: 4 bytes per 3); more images
     should be sent as URLs."""
     return 2 * (settings.max_image_bytes * 4 // 3 + _BASE64_SLACK) + 64 * 1024
-
-
-def _webhook_fetcher(settings: Settings) -> SafeFetcher:
-    return SafeFetcher(
-        allow_hosts=settings.fetch_allow_hosts,
-        allow_ports=settings.fetch_allow_ports,
-        timeout_s=settings.webhook_timeout_s,
-        max_bytes=_WEBHOOK_RESPONSE_MAX_BYTES,
-        max_redirects=0,
-    )
-
-
-class _Background:
-    """The maintenance loop, the retention cleanup and the webhook dispatcher, started and
-    stopped with the app."""
-
-    def __init__(
-        self,
-        maintenance: MaintenanceLoop,
-        cleanup: CleanupLoop,
-        dispatcher: WebhookDispatcher,
-        *,
-        enabled: bool,
-        shutdown_hooks: Sequence[Callable[[], None]] = (),
-        freeze_heap: bool = False,
-    ) -> None:
-        self._freeze_heap = freeze_heap
-        self._shutdown_hooks = list(shutdown_hooks)
-        self._maintenance = maintenance
-        self._cleanup = cleanup
-        self._dispatcher = dispatcher
-        self._enabled = enabled
-        self._stop = threading.Event()
-        self._dispatcher_thread: threading.Thread | None = None
-
-    @asynccontextmanager
-    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        self.start()
-        if self._freeze_heap:
-            gc.collect()  # what is garbage now is freed, not frozen
-            gc.freeze()
-        try:
-            yield
-        finally:
-            self.stop()
-            for hook in self._shutdown_hooks:
-                hook()
-
-    def start(self) -> None:
-        if not self._enabled:
-            return
-        self._stop.clear()
-        self._maintenance.start()
-        self._cleanup.start()
-        self._dispatcher_thread = threading.Thread(
-            target=self._dispatcher.run_forever, args=(self._stop,), name="webhooks", daemon=True
-        )
-        self._dispatcher_thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._maintenance.stop()
-        self._cleanup.stop()
-        if self._dispatcher_thread is not None:
-            self._dispatcher_thread.join(10.0)
-            self._dispatcher_thread = None

@@ -1,5 +1,5 @@
 """What every route needs (the service, the authenticator, limits) and the FastAPI
-dependencies that hand it out. ``create_app`` puts one ``ApiContext`` on ``app.state``."""
+dependencies that hand it out. ``build_app`` puts one ``ApiContext`` on ``app.state``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,18 @@ from kontext_server.config import Settings
 from kontext_server.core.auth import Authenticator, Principal
 from kontext_server.core.service import QueueService
 from kontext_server.files.base import FileStore
-from kontext_server.http.sse import StreamSlots
+from kontext_server.http.streams import StreamSlots
 from kontext_server.net.fetch import SafeFetcher
 
-__all__ = ["ApiContext", "Caller", "Context", "api_context", "caller", "site_base"]
+__all__ = [
+    "ApiContext",
+    "Caller",
+    "Context",
+    "api_context",
+    "authenticate",
+    "caller",
+    "site_base",
+]
 
 
 _SITE_BASE_KEY = "kontext.site_base"
@@ -67,6 +75,16 @@ async def caller(request: Request, context: Context) -> Principal:
 
 
 Caller = Annotated[Principal, Depends(caller)]
+
+
+def authenticate(context: ApiContext, request: Request, key: str | None) -> Principal:
+    """The caller of a request that sends its API key as ``key`` (e.g. BFL's ``x-key``); with
+    no such key, the ``Authorization`` header counts. Raises ``AuthError`` (401/403) with the
+    same rules as the fal routes (auth off: loopback only, unless ``insecure_no_auth``)."""
+    client_host = request.client.host if request.client else None
+    authorization = f"Key {key.strip()}" if key and key.strip() else None
+    authorization = authorization or request.headers.get("authorization")
+    return context.authenticator.authenticate(authorization, client_host)
 
 
 def site_base(request: Request) -> str:

@@ -3,7 +3,7 @@ queue (429 with ``Retry-After`` in seconds), a job store that cannot be reached 
 ``Retry-After``), and, as the last resort, anything unexpected (500 with a JSON body).
 
 Validation errors keep FastAPI's own 422 answer (a ``detail`` list); the messages come from
-``schemas.py`` and ``submission.py``.
+``fal/schemas.py`` and ``fal/submission.py``.
 
 The invariant these handlers help keep (docs/security.md): whatever arrives, the answer is
 JSON, and a client's mistake is a 4xx that says what was wrong. A store outage is not the

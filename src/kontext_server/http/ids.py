@@ -7,8 +7,8 @@ the id is used or echoed anywhere (a header, a log line, a store query).
 * file keys: ``files.base.is_valid_file_key``.
 
 Request-id routes match only a well-formed id: their path parameter uses the ``request_id``
-convertor registered here, so anything else never reaches a handler (``fal.py`` answers it
-with the route family's 404).
+convertor registered here, so anything else never reaches a handler (``fal/routes.py``
+answers it with the route family's 404).
 """
 
 from __future__ import annotations

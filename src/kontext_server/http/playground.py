@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kontext_server import __version__
 from kontext_server.http.context import Context, site_base
-from kontext_server.http.schemas import (
+from kontext_server.http.fal.schemas import (
     ASPECT_RATIOS,
     ENDPOINTS,
     MAX_IMAGE_URLS,

@@ -76,9 +76,9 @@ def _compact_json(value: dict[str, Any]) -> bytes:
 class WebhookDispatcher:
     """Sends due webhooks from ``store``'s outbox; one per API process.
 
-    ``payload_for(job)`` builds the body (``QueueService.webhook_payload``: fal's, or BFL's
-    for a job submitted through the BFL API); ``extra_headers_for(job, body)`` adds headers
-    beside fal's signature (``QueueService.webhook_headers``: BFL's HMAC). Each send may
+    ``payload_for(job)`` builds the body (``http.webhooks.JobWebhooks.payload``: fal's, or
+    BFL's for a job submitted through the BFL API); ``extra_headers_for(job, body)`` adds
+    headers beside fal's signature (``JobWebhooks.headers``: BFL's HMAC). Each send may
     take ``timeout_s`` (default: the fetcher's ``timeout_s``); up to ``concurrency`` sends run
     at once so that one slow receiver does not hold up the others. ``clock`` must be the
     store's clock (retry times are compared with it).

@@ -41,7 +41,9 @@ __all__ = [
     "DEFAULT_MAX_DATA_URI_BYTES",
     "DEV_MAX_STEPS",
     "ENDPOINTS",
+    "MAX_ENDPOINT",
     "MAX_IMAGE_URLS",
+    "MULTI_ENDPOINT",
     "PROMPT_MAX_CHARS",
     "RESOLUTION_MODES",
     "SEED_LIMIT",
@@ -54,6 +56,10 @@ __all__ = [
     "json_body_schema",
 ]
 
+# The endpoints the neighbouring skins (BFL's, OpenAI's) map their edits onto: one image runs
+# MAX_ENDPOINT, several MULTI_ENDPOINT.
+MAX_ENDPOINT = "fal-ai/flux-pro/kontext/max"
+MULTI_ENDPOINT = "fal-ai/flux-pro/kontext/max/multi"
 PROMPT_MAX_CHARS = 4000  # T5 reads at most 512 tokens; this only bounds what we store
 MAX_IMAGE_URLS = 10  # references for /multi; the worker also caps their total pixels
 SEED_LIMIT = 2**63  # seeds are int64 in the worker
@@ -350,8 +356,8 @@ class DevInput(FalInput):
 
 # The endpoints this server serves: endpoint id -> input model. One line per endpoint.
 ENDPOINTS: dict[str, type[FalInput]] = {
-    "fal-ai/flux-pro/kontext/max": MaxInput,
-    "fal-ai/flux-pro/kontext/max/multi": MaxMultiInput,
+    MAX_ENDPOINT: MaxInput,
+    MULTI_ENDPOINT: MaxMultiInput,
     "fal-ai/flux-pro/kontext": MaxInput,
     "fal-ai/flux-pro/kontext/multi": MaxMultiInput,
     "fal-ai/flux-pro/kontext/max/text-to-image": TextToImageInput,

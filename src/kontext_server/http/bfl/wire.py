@@ -1,7 +1,8 @@
 """Black Forest Labs' words for a job: statuses, the ``result`` object and BFL's webhook.
 
-Shared by ``GET /v1/get_result`` (``http/bfl_api.py``) and the webhook dispatcher, which
-sends a BFL-shaped body for jobs submitted through ``POST /v1/flux-kontext-*``.
+Shared by ``GET /v1/get_result`` (``http/bfl/routes.py``) and the webhook dispatcher, which
+sends a BFL-shaped body for jobs submitted through ``POST /v1/flux-kontext-*``
+(``http/webhooks.py`` picks it for them).
 
 A job submitted through the BFL API carries ``Job.input[BFL_INPUT_KEY] = {"webhook_secret":
 str | None}``. No fal input model has that field, so only the BFL route can set it; it is not
@@ -27,6 +28,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kontext_server.domain.jobs import Job, JobStatus
+from kontext_server.files.base import FileStore
+from kontext_server.http.fal.results import render_output
 
 __all__ = [
     "BFL_INPUT_KEY",
@@ -42,6 +45,7 @@ __all__ = [
     "sign",
     "signature_headers",
     "webhook_body",
+    "webhook_payload",
 ]
 
 BFL_INPUT_KEY = "bfl_api"
@@ -130,6 +134,15 @@ def webhook_body(job: Job, output: dict[str, Any] | None, *, now_s: float) -> di
         body["message"] = job.error or f"Request ended with status {job.status}"
     body["timestamp"] = datetime.fromtimestamp(now_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return body
+
+
+def webhook_payload(job: Job, files: FileStore, *, now_s: float) -> dict[str, Any]:
+    """BFL's webhook body of a finished job, its image URLs under where the submitter reached
+    us."""
+    output = None
+    if job.status is JobStatus.SUCCEEDED:
+        output = render_output(job, job.base_url or "", files)
+    return webhook_body(job, output, now_s=now_s)
 
 
 def sign(secret: str, body: bytes) -> str:

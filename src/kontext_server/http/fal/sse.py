@@ -9,10 +9,8 @@ stream stays open with keep-alive comments and goes on once the store is back.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -21,73 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from kontext_server.core.service import QueueService
 from kontext_server.domain.errors import StoreUnavailableError
 from kontext_server.domain.jobs import Job, JobEvent, JobStatus, Progress
-from kontext_server.http.wire import RequestUrls, status_body
+from kontext_server.http.fal.wire import RequestUrls, status_body
+from kontext_server.http.waiting import fresh_job
 
-__all__ = [
-    "KEEPALIVE",
-    "StatusStream",
-    "StreamSlots",
-    "TooManyStreamsError",
-    "fresh_job",
-    "released_after",
-    "sse_event",
-]
+__all__ = ["KEEPALIVE", "StatusStream", "sse_event"]
 
 KEEPALIVE = ": keepalive\n\n"
-
-
-class TooManyStreamsError(Exception):
-    """The caller already holds its allowed number of open status streams (answered 429)."""
-
-    retry_after_s = 5
-
-
-class StreamSlots:
-    """Open status streams per API key (``None``: anonymous callers, together).
-
-    ``acquire`` takes a slot or raises ``TooManyStreamsError``; the returned release callable
-    may be called any number of times (only the first counts). Thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._open: Counter[str | None] = Counter()
-        self._lock = threading.Lock()
-
-    def acquire(self, owner: str | None, limit: int) -> Callable[[], None]:
-        with self._lock:
-            if self._open[owner] >= limit:
-                raise TooManyStreamsError(
-                    f"This API key already has {self._open[owner]} open status streams (limit "
-                    f"{limit}); close one, or poll the status URL instead"
-                )
-            self._open[owner] += 1
-        released = threading.Event()
-
-        def release() -> None:
-            with self._lock:
-                if released.is_set():
-                    return
-                released.set()
-                self._open[owner] -= 1
-                if self._open[owner] <= 0:
-                    del self._open[owner]
-
-        return release
-
-    def open_streams(self, owner: str | None) -> int:
-        with self._lock:
-            return self._open[owner]
-
-
-async def released_after(
-    stream: AsyncIterable[str], release: Callable[[], None]
-) -> AsyncIterator[str]:
-    """``stream``, calling ``release`` when it ends, fails or the client goes away."""
-    try:
-        async for chunk in stream:
-            yield chunk
-    finally:
-        release()
 
 
 def sse_event(data: object) -> str:
@@ -176,13 +113,3 @@ def _last_id(events: list[JobEvent] | None, seen: _Seen | None) -> int:
     if events:
         return events[-1].id
     return seen.last_event_id if seen else 0
-
-
-async def fresh_job(read: Callable[[str], Job | None], job: Job) -> Job:
-    """``job`` read again (in the thread pool); as it was while the store is unavailable, so
-    that a caller waiting for the end waits through an outage instead of failing."""
-    try:
-        fresh = await run_in_threadpool(read, job.id)
-    except StoreUnavailableError:
-        return job
-    return fresh or job

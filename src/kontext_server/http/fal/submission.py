@@ -21,7 +21,9 @@ from pydantic import ValidationError
 from kontext_server.domain.errors import ImageFetchError
 from kontext_server.domain.jobs import PRIORITY_LOW, PRIORITY_NORMAL
 from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
-from kontext_server.http.schemas import ENDPOINTS, FalInput
+from kontext_server.http.bodies import BodyTooLargeError, read_capped_body
+from kontext_server.http.fal.inputs import stored_input
+from kontext_server.http.fal.schemas import ENDPOINTS, FalInput
 from kontext_server.net.fetch import SafeFetcher, literal_addresses, parsed_url
 
 __all__ = [
@@ -74,27 +76,16 @@ async def read_input(
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in errors]
         ) from None
-    return validated.model_dump(mode="json")
+    return stored_input(validated)
 
 
 async def _read_body(request: Request, max_body_bytes: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_body_bytes:
-        raise _too_large(max_body_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise _too_large(max_body_bytes)
-    return bytes(body)
-
-
-def _too_large(max_body_bytes: int) -> HTTPException:
-    return HTTPException(
-        413,
-        f"The request body is larger than {max_body_bytes} bytes; send large images as "
-        "http(s) URLs instead of data: URIs",
-    )
+    try:
+        return await read_capped_body(request, max_body_bytes)
+    except BodyTooLargeError as exc:
+        raise HTTPException(
+            413, f"{exc}; send large images as http(s) URLs instead of data: URIs"
+        ) from None
 
 
 def _parse_json(body: bytes) -> Any:

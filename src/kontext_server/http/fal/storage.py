@@ -33,10 +33,10 @@ from kontext_server.core.uploads import (
     lifecycle_ttl_s,
 )
 from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
-from kontext_server.http.compat import BodyTooLargeError, read_capped_body
+from kontext_server.http.bodies import BodyTooLargeError, read_capped_body
 from kontext_server.http.context import ApiContext, Caller, Context, site_base
+from kontext_server.http.fal.schemas import json_body_schema
 from kontext_server.http.ids import is_upload_ticket
-from kontext_server.http.schemas import json_body_schema
 
 __all__ = ["CDN_PREFIX", "REST_PREFIX", "storage_router"]
 
@@ -190,16 +190,11 @@ async def _read_initiate(request: Request) -> InitiateUpload:
 async def _read_capped(request: Request, uploads: UploadService) -> bytes:
     """The body, refused (``UploadTooLargeError``) as soon as it passes the limit: first by
     its declared length, then while it streams in."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit():
-        uploads.check_size(int(declared))
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        uploads.check_size(size)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_capped_body(request, uploads.max_bytes)
+    except BodyTooLargeError as exc:
+        uploads.check_size(exc.size)  # raises, with the uploads' own message
+        raise
 
 
 def _lifecycle_headers(request: Request) -> list[str | None]:

@@ -36,23 +36,16 @@ from starlette.types import Message
 from kontext_server.core.auth import AuthError, Principal
 from kontext_server.core.service import QueueFullError
 from kontext_server.domain.jobs import Job, JobStatus
-from kontext_server.http.compat import (
-    MAX_ENDPOINT,
-    MULTI_ENDPOINT,
-    BodyTooLargeError,
-    FieldError,
-    authenticate,
-    image_data_uri,
-    read_capped_body,
-    sniff_image_type,
-    validate_fal_input,
-    wait_until_final,
-)
-from kontext_server.http.context import ApiContext, Context, site_base
-from kontext_server.http.schemas import MAX_IMAGE_URLS
-from kontext_server.http.wire import ERROR_STATUS_CODES
+from kontext_server.http.bodies import BodyTooLargeError, read_capped_body
+from kontext_server.http.context import ApiContext, Context, authenticate, site_base
+from kontext_server.http.fal.inputs import FieldError, validate_fal_input
+from kontext_server.http.fal.results import render_output
+from kontext_server.http.fal.schemas import MAX_ENDPOINT, MAX_IMAGE_URLS, MULTI_ENDPOINT
+from kontext_server.http.fal.wire import ERROR_STATUS_CODES
+from kontext_server.http.images import image_data_uri, sniff_image_type
+from kontext_server.http.waiting import wait_until_final
 
-__all__ = ["OPENAI_PREFIX", "SIZES", "OpenAIError", "openai_router"]
+__all__ = ["OPENAI_PREFIX", "SIZES", "OpenAIError", "openai_router", "stored_input"]
 
 OPENAI_PREFIX = "/v1"
 # OpenAI's edit sizes -> the aspect ratio asked of the engine ("auto": follow the input)
@@ -307,10 +300,10 @@ def _output_format(form: FormData) -> str:
 async def _submit(
     context: ApiContext, request: Request, principal: Principal, edit: _EditRequest
 ) -> Job:
-    endpoint, fal_input = _to_fal_input(edit, context.max_data_uri_bytes)
+    endpoint, job_input = stored_input(edit, context.max_data_uri_bytes)
     try:
         outcome = await context.service.submit_async(
-            endpoint, fal_input, owner=principal.owner, base_url=site_base(request)
+            endpoint, job_input, owner=principal.owner, base_url=site_base(request)
         )
     except QueueFullError as exc:
         raise OpenAIError(
@@ -323,7 +316,9 @@ async def _submit(
     return outcome.job
 
 
-def _to_fal_input(edit: _EditRequest, max_data_uri_bytes: int) -> tuple[str, dict[str, Any]]:
+def stored_input(edit: _EditRequest, max_data_uri_bytes: int) -> tuple[str, dict[str, Any]]:
+    """The fal endpoint and the stored job input for an edit request (the fal input,
+    validated); raises ``OpenAIError`` (400, OpenAI's names) when something is not allowed."""
     single = len(edit.images) == 1
     endpoint = MAX_ENDPOINT if single else MULTI_ENDPOINT
     fal_input = {
@@ -355,7 +350,7 @@ def _as_openai_error(error: FieldError) -> OpenAIError:
 def _answer(context: ApiContext, request: Request, job: Job, edit: _EditRequest) -> JSONResponse:
     if job.status is not JobStatus.SUCCEEDED:
         raise _job_error(job)
-    output = context.service.render_output(job, site_base(request))
+    output = render_output(job, site_base(request), context.files)
     images: list[dict[str, Any]] = output.get("images") or []
     data = [_image_entry(image, edit.response_format) for image in images]
     body: dict[str, Any] = {

@@ -11,7 +11,7 @@
   Moderated`` (404 and ``Task not found`` for an unknown id
   or one of another key); ``result.sample`` is the URL of the first image.
 * ``webhook_url`` (+ ``webhook_secret``): BFL's webhook body, signed ``X-BFL-Signature``
-  (``webhooks/bfl.py``), sent by the webhook dispatcher with its retries.
+  (``http/bfl/wire.py``), sent by the webhook dispatcher with its retries.
 
 Errors are BFL's (FastAPI's) shape: 422 ``{"detail": [{loc, msg, type}]}``, otherwise
 ``{"detail": "..."}``.
@@ -31,23 +31,22 @@ from pydantic import AfterValidator, Field, ValidationError
 
 from kontext_server.domain.jobs import Job
 from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
-from kontext_server.http.compat import (
+from kontext_server.http.bfl import wire as bfl
+from kontext_server.http.bodies import BodyTooLargeError, read_capped_body
+from kontext_server.http.context import ApiContext, Context, authenticate, site_base
+from kontext_server.http.fal.inputs import FieldError, validate_fal_input
+from kontext_server.http.fal.results import render_output
+from kontext_server.http.fal.schemas import (
     MAX_ENDPOINT,
     MULTI_ENDPOINT,
-    BodyTooLargeError,
-    FieldError,
-    authenticate,
-    image_data_uri,
-    read_capped_body,
-    sniff_image_type,
-    validate_fal_input,
+    SEED_LIMIT,
+    FalInput,
+    NotBool,
 )
-from kontext_server.http.context import ApiContext, Context, site_base
 from kontext_server.http.ids import is_request_id
-from kontext_server.http.schemas import SEED_LIMIT, FalInput, NotBool
-from kontext_server.webhooks import bfl
+from kontext_server.http.images import image_data_uri, sniff_image_type
 
-__all__ = ["BFL_PREFIX", "IMAGE_FIELDS", "BflKontextRequest", "bfl_router", "to_fal_input"]
+__all__ = ["BFL_PREFIX", "IMAGE_FIELDS", "BflKontextRequest", "bfl_router", "stored_input"]
 
 BFL_PREFIX = "/v1"
 IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
@@ -134,11 +133,10 @@ async def submit(request: Request, context: Context, x_key: XKey = None) -> JSON
     """Queue an edit; answer ``{id, polling_url}``."""
     principal = authenticate(context, request, x_key)
     body = await _read_request(request, context)
-    endpoint, fal_input = to_fal_input(body, max_data_uri_bytes=context.max_data_uri_bytes)
-    fal_input[bfl.BFL_INPUT_KEY] = {"webhook_secret": body.webhook_secret}
+    endpoint, job_input = stored_input(body, max_data_uri_bytes=context.max_data_uri_bytes)
     outcome = await context.service.submit_async(
         endpoint,
-        fal_input,
+        job_input,
         owner=principal.owner,
         webhook_url=body.webhook_url,
         base_url=site_base(request),
@@ -163,7 +161,7 @@ def _result_body(context: ApiContext, request: Request, job: Job) -> dict[str, A
     details: dict[str, str | None] | None = None
     status = bfl.bfl_status(job)
     if status == bfl.READY:
-        result = bfl.bfl_result(job, context.service.render_output(job, site_base(request)))
+        result = bfl.bfl_result(job, render_output(job, site_base(request), context.files))
     elif status == bfl.CONTENT_MODERATED:
         details = {"error": "The content check flagged the output image; no image is returned"}
     elif job.status.is_final:
@@ -210,8 +208,9 @@ async def _read_request(request: Request, context: ApiContext) -> BflKontextRequ
         raise _invalid(found) from None
 
 
-def to_fal_input(body: BflKontextRequest, *, max_data_uri_bytes: int) -> tuple[str, dict[str, Any]]:
-    """The fal endpoint and its validated input for a BFL request; raises
+def stored_input(body: BflKontextRequest, *, max_data_uri_bytes: int) -> tuple[str, dict[str, Any]]:
+    """The fal endpoint and the stored job input for a BFL request: the fal input, validated,
+    plus the BFL options (``bfl.BFL_INPUT_KEY``: the webhook secret). Raises
     ``RequestValidationError`` (422, BFL field names) when something is not allowed."""
     images = body.images()
     if not images:
@@ -237,7 +236,7 @@ def to_fal_input(body: BflKontextRequest, *, max_data_uri_bytes: int) -> tuple[s
     if fal_errors:
         names = [name for name, _ in images]
         raise _invalid([_as_bfl_error(error, names) for error in fal_errors])
-    return endpoint, validated
+    return endpoint, {**validated, bfl.BFL_INPUT_KEY: {"webhook_secret": body.webhook_secret}}
 
 
 def _image_sources(images: list[tuple[str, str]]) -> tuple[list[str], list[FieldError]]:

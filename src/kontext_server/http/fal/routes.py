@@ -12,7 +12,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -28,10 +27,10 @@ from kontext_server.http.context import (
     caller,
     site_base,
 )
-from kontext_server.http.ids import REQUEST_ID_CONVERTOR, RequestIdPath
-from kontext_server.http.schemas import ENDPOINTS, json_body_schema
-from kontext_server.http.sse import StatusStream, TooManyStreamsError, fresh_job, released_after
-from kontext_server.http.submission import (
+from kontext_server.http.fal.results import render_output
+from kontext_server.http.fal.schemas import ENDPOINTS, json_body_schema
+from kontext_server.http.fal.sse import StatusStream
+from kontext_server.http.fal.submission import (
     input_model,
     own_files_check,
     precheck_urls,
@@ -39,7 +38,7 @@ from kontext_server.http.submission import (
     submit_options,
     webhook_url,
 )
-from kontext_server.http.wire import (
+from kontext_server.http.fal.wire import (
     REQUEST_ID_HEADER,
     RequestUrls,
     endpoint_matches,
@@ -48,6 +47,9 @@ from kontext_server.http.wire import (
     status_body,
     submit_body,
 )
+from kontext_server.http.ids import REQUEST_ID_CONVERTOR, RequestIdPath
+from kontext_server.http.streams import TooManyStreamsError, released_after
+from kontext_server.http.waiting import wait_until_final
 
 __all__ = [
     "QUEUE_PREFIXES",
@@ -262,13 +264,9 @@ class _QueueRoutes:
 async def run(endpoint: str, request: Request, context: Context, principal: Caller) -> JSONResponse:
     """Submit and wait. A client that hangs up cancels its request."""
     outcome = await _submit(endpoint, request, context, principal.owner)
-    job = outcome.job
-    while not job.status.is_final:
-        await anyio.sleep(context.poll_interval_s)
-        if await request.is_disconnected():
-            await run_in_threadpool(context.service.cancel, job.id, principal.owner)
-            return JSONResponse({"detail": "Client disconnected"}, status_code=499)
-        job = await fresh_job(context.service.store.get, job)  # waits through outages
+    job = await wait_until_final(context, request, outcome.job, principal.owner)
+    if job is None:
+        return JSONResponse({"detail": "Client disconnected"}, status_code=499)
     return _final_answer(context, request, job)
 
 
@@ -325,7 +323,7 @@ def _find(context: ApiContext, endpoint: str, request_id: str, owner: str | None
 def _final_answer(context: ApiContext, request: Request, job: Job) -> JSONResponse:
     headers = {REQUEST_ID_HEADER: job.id}
     if job.status is JobStatus.SUCCEEDED:
-        output: dict[str, Any] = context.service.render_output(job, site_base(request))
+        output: dict[str, Any] = render_output(job, site_base(request), context.files)
         return JSONResponse(output, headers=headers)
     headers["x-fal-error-type"] = job.error_type or "internal_error"
     if job.error_type == "request_timeout":

@@ -1,0 +1,46 @@
+"""fal's shapes of a finished job's output: the endpoint's output JSON with file URLs
+(PROTOCOL.md §8), which the other skins build on, and fal's webhook body (PROTOCOL.md §9)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kontext_server.domain.jobs import Job, JobStatus
+from kontext_server.files.base import FileStore
+
+__all__ = ["render_output", "webhook_payload"]
+
+log = logging.getLogger(__name__)
+
+
+def render_output(job: Job, base_url: str, files: FileStore) -> dict[str, Any]:
+    """The endpoint's output JSON (PROTOCOL.md §8) of a succeeded job: every stored image
+    gets a ``url`` under ``base_url`` (where the client reached this server)."""
+    if job.result is None:
+        raise ValueError(f"job {job.id} has no result (status {job.status})")
+    output = dict(job.result)
+    output["images"] = [_render_image(image, base_url, files) for image in job.result["images"]]
+    return output
+
+
+def _render_image(image: dict[str, Any], base_url: str, files: FileStore) -> dict[str, Any]:
+    rendered = {k: v for k, v in image.items() if k != "file_key"}
+    if image.get("file_key"):
+        rendered["url"] = files.url(image["file_key"], base_url)
+    return rendered
+
+
+def webhook_payload(job: Job, files: FileStore) -> dict[str, Any]:
+    """fal's webhook body (PROTOCOL.md §9); file URLs use where the submitter reached us."""
+    body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
+    if job.status is not JobStatus.SUCCEEDED:
+        error = job.error or f"Request ended with status {job.status}"
+        detail = {"detail": error, "error_type": job.error_type or "internal_error"}
+        return {**body, "status": "ERROR", "error": error, "payload": detail}
+    try:
+        payload: dict[str, Any] | None = render_output(job, job.base_url or "", files)
+    except Exception as exc:  # the output is data of a finished job: report, never raise
+        log.exception("cannot render the output of job %s for its webhook", job.id)
+        return {**body, "status": "OK", "payload": None, "payload_error": str(exc)}
+    return {**body, "status": "OK", "payload": payload}
