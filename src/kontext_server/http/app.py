@@ -27,7 +27,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from kontext_server import __version__
 from kontext_server.config import Settings
-from kontext_server.core.auth import Authenticator, BadKeyThrottle
+from kontext_server.core.auth import Authenticator
 from kontext_server.core.retention import CleanupLoop
 from kontext_server.core.service import MaintenanceLoop, QueueService
 from kontext_server.files.base import FileStore
@@ -139,11 +139,7 @@ def create_app(
         settings=settings,
         service=service,
         files=files,
-        authenticator=Authenticator(
-            store,
-            insecure_no_auth=settings.insecure_no_auth,
-            throttle=BadKeyThrottle.from_settings(settings),
-        ),
+        authenticator=Authenticator.from_settings(store, settings),
         stream_keepalive_s=stream_keepalive_s,
         poll_interval_s=poll_interval_s,
         max_body_bytes=_max_body_bytes(settings),
