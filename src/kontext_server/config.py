@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     auth_max_failures: int = 10  # bad keys from one client within the window ...
     auth_failure_window_s: float = 60.0
     auth_lockout_s: float = 60.0  # ... refuse it (429 + Retry-After) this long
+    # A key found in the store is trusted this long without asking again (status polls then
+    # need no store call for authentication); a revoked key is refused within it. 0: ask always
+    auth_key_cache_s: float = Field(default=5.0, ge=0, le=300)
     max_streams_per_key: int = 10  # open SSE status streams per API key; 429 past this
 
     # --- webhooks --------------------------------------------------------------------------

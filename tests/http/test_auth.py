@@ -3,15 +3,28 @@ and every request-id route answers 404 for another key's request)."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 from fastapi import FastAPI
 from http_support import LOOPBACK, MAX, LiveServer, edit_body, submit
 from starlette.testclient import TestClient
 
 from kontext_server.config import Settings
-from kontext_server.core.auth import create_api_key, hash_api_key
-from kontext_server.domain.jobs import JobStatus
+from kontext_server.core.auth import (
+    Authenticator,
+    AuthError,
+    BadKeyThrottle,
+    KeyCache,
+    create_api_key,
+    hash_api_key,
+)
+from kontext_server.domain.jobs import ApiKey, JobStatus
+from kontext_server.files.local import LocalFileStore
+from kontext_server.http.app import create_app
+from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
+from kontext_server.webhooks.signing import WebhookSigner
 
 REMOTE = ("203.0.113.9", 40000)
 
@@ -143,3 +156,125 @@ def test_keys_created_while_serving_turn_authentication_on(
         submit(client)
         create_api_key(store, "late")
         assert client.post(f"/{MAX}", json=edit_body()).status_code == 401
+
+
+class CountingStore:
+    """A real store that counts the calls made to it by name."""
+
+    def __init__(self, inner: SQLiteJobStore) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.inner, name)
+
+        def counted(*args: object, **kwargs: object) -> object:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+
+        return counted
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _authenticator(store: SQLiteJobStore, ttl_s: float, clock: Clock) -> tuple[Any, CountingStore]:
+    counting = CountingStore(store)
+    authenticator = Authenticator(cast(JobStore, counting), keys=KeyCache(ttl_s, clock=clock))
+    return authenticator, counting
+
+
+def test_a_found_key_is_trusted_for_the_cache_time_without_a_store_call(
+    store: SQLiteJobStore,
+) -> None:
+    clock = Clock()
+    key = create_api_key(store, "alice")[1]
+    authenticator, counting = _authenticator(store, 5.0, clock)
+    header = f"Key {key}"
+    assert authenticator.authenticate_from_cache(header, "203.0.113.9") is None  # not yet known
+
+    owner = authenticator.authenticate(header, "203.0.113.9").owner
+    assert "find_api_key" in counting.calls
+    counting.calls.clear()
+    for _ in range(3):
+        principal = authenticator.authenticate_from_cache(header, "203.0.113.9")
+        assert principal is not None and principal.owner == owner
+    assert authenticator.authenticate(header, "203.0.113.9").owner == owner
+    assert "find_api_key" not in counting.calls  # answered from the cache
+
+    clock.now += 5.0  # the cache time is over: the store is asked again
+    assert authenticator.authenticate_from_cache(header, "203.0.113.9") is None
+    counting.calls.clear()
+    authenticator.authenticate(header, "203.0.113.9")
+    assert counting.calls.count("find_api_key") == 1
+
+
+def test_a_key_revoked_elsewhere_is_refused_within_the_cache_time(store: SQLiteJobStore) -> None:
+    clock = Clock()
+    key = create_api_key(store, "alice")[1]
+    create_api_key(store, "bob")  # keys still exist after alice's is revoked
+    authenticator, _ = _authenticator(store, 5.0, clock)
+    authenticator.authenticate(f"Key {key}", "203.0.113.9")
+
+    assert store.revoke_api_key(key.partition(":")[0])  # e.g. `kontext-server keys revoke`
+    assert authenticator.authenticate_from_cache(f"Key {key}", "203.0.113.9") is not None
+    clock.now += 5.0
+    assert authenticator.authenticate_from_cache(f"Key {key}", "203.0.113.9") is None
+    with pytest.raises(AuthError) as refused:
+        authenticator.authenticate(f"Key {key}", "203.0.113.9")
+    assert refused.value.status_code == 401
+
+
+def test_a_cache_time_of_zero_asks_the_store_every_time(store: SQLiteJobStore) -> None:
+    key = create_api_key(store, "alice")[1]
+    authenticator, counting = _authenticator(store, 0.0, Clock())
+    for _ in range(3):
+        authenticator.authenticate(f"Key {key}", "203.0.113.9")
+        assert authenticator.authenticate_from_cache(f"Key {key}", "203.0.113.9") is None
+    assert counting.calls.count("find_api_key") == 3
+
+
+def test_wrong_keys_are_never_cached_and_a_locked_out_client_is_refused_even_cached(
+    store: SQLiteJobStore,
+) -> None:
+    key = create_api_key(store, "alice")[1]
+    authenticator, counting = _authenticator(store, 5.0, Clock())
+    authenticator.throttle = BadKeyThrottle(max_failures=2)
+    authenticator.authenticate(f"Key {key}", "203.0.113.9")
+    for _ in range(3):
+        with pytest.raises(AuthError):
+            authenticator.authenticate(f"Key {key}x", "203.0.113.9")
+    assert counting.calls.count("find_api_key") == 4  # every wrong key was looked up
+    with pytest.raises(AuthError) as locked:
+        authenticator.authenticate_from_cache(f"Key {key}", "203.0.113.9")
+    assert locked.value.status_code == 429
+
+
+def test_the_key_cache_is_bounded() -> None:
+    cache = KeyCache(60.0, max_entries=3, clock=Clock())
+    for index in range(5):
+        cache.put(f"hash-{index}", ApiKey(id=f"k{index}", name="n", created_at=0.0))
+    assert len(cache) == 3
+    assert cache.get("hash-0") is None and cache.get("hash-4") is not None
+
+
+def test_a_status_poll_with_a_key_reads_only_its_job(
+    settings: Settings, store: SQLiteJobStore, files: LocalFileStore, signer: WebhookSigner
+) -> None:
+    """One round trip per poll: the job (its queue position comes from memory)."""
+    key = create_api_key(store, "alice")[1]
+    counting = CountingStore(store)
+    app = create_app(settings, cast(JobStore, counting), files, signer=signer, run_background=False)
+    with TestClient(app, client=REMOTE) as remote:
+        headers = {"Authorization": f"Key {key}"}
+        status_url = submit(remote, headers=headers)["status_url"]
+        counting.calls.clear()
+        for _ in range(5):
+            assert remote.get(status_url, headers=headers).status_code == 202
+    from_memory = {"known_has_api_keys", "queue_position_of"}  # no store round trip
+    assert [call for call in counting.calls if call not in from_memory] == ["get"] * 5

@@ -11,6 +11,12 @@ database useless for calling the API. ``Authenticator`` decides who a request is
 A client (by address) that sends more than ``auth_max_failures`` wrong keys within
 ``auth_failure_window_s`` is refused (429 with ``Retry-After``) for ``auth_lockout_s``, even
 with a right key: guessing keys costs the guesser time, not the server. Keys are never logged.
+
+A key that was found is remembered for ``key_cache_s`` (``KONTEXT_AUTH_KEY_CACHE_S``, 5 s) by
+its hash, at most ``KEY_CACHE_SIZE`` of them: a client polling its status is authenticated
+without a store call, so a poll is one read of its job. The price is the revocation bound: a
+key revoked by ``kontext-server keys revoke`` (another process) is refused by every API process
+within ``key_cache_s``. Wrong keys are never cached (the throttle above counts them).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from kontext_server.domain.jobs import ApiKey
 from kontext_server.store.base import JobStore
 
 __all__ = [
+    "KEY_CACHE_SIZE",
     "AuthError",
     "Authenticator",
     "BadKeyThrottle",
+    "KeyCache",
     "Principal",
     "create_api_key",
     "hash_api_key",
@@ -43,6 +51,7 @@ __all__ = [
 ]
 
 _SCHEMES = ("key", "bearer")
+KEY_CACHE_SIZE = 10_000  # keys remembered at once; the least recently used go first
 
 
 class AuthError(KontextError):
@@ -159,6 +168,45 @@ class BadKeyThrottle:
                 self._failures.popitem(last=False)
 
 
+class KeyCache:
+    """Keys found in the store, by hash, each trusted for ``ttl_s`` after it was read (LRU,
+    at most ``max_entries``). Thread-safe. ``ttl_s`` 0 remembers nothing."""
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        max_entries: int = KEY_CACHE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s, self._max_entries, self._clock = ttl_s, max_entries, clock
+        self._entries: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> ApiKey | None:
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None:
+                return None
+            if entry[1] <= self._clock():
+                del self._entries[key_hash]
+                return None
+            self._entries.move_to_end(key_hash)
+            return entry[0]
+
+    def put(self, key_hash: str, api_key: ApiKey) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._entries[key_hash] = (api_key, self._clock() + self.ttl_s)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Authenticator:
     """Turns a request's ``Authorization`` header and client address into a ``Principal``."""
 
@@ -168,37 +216,53 @@ class Authenticator:
         *,
         insecure_no_auth: bool = False,
         throttle: BadKeyThrottle | None = None,
+        keys: KeyCache | None = None,
     ) -> None:
         self._store = store
         self._insecure_no_auth = insecure_no_auth
         self.throttle = throttle or BadKeyThrottle()
+        self.keys = keys if keys is not None else KeyCache(0)
+
+    @classmethod
+    def from_settings(cls, store: JobStore, settings: Settings) -> Authenticator:
+        return cls(
+            store,
+            insecure_no_auth=settings.insecure_no_auth,
+            throttle=BadKeyThrottle.from_settings(settings),
+            keys=KeyCache(settings.auth_key_cache_s),
+        )
 
     def authenticate(self, authorization: str | None, client_host: str | None) -> Principal:
         """Raises ``AuthError`` (401, 403 or 429) with a message that says what to do."""
         if not self._store.has_api_keys():
             return self._without_keys(client_host)
         self.throttle.check(client_host)
-        key = key_from_authorization(authorization)
-        if key is None:
-            raise AuthError(
-                401, "Missing API key: send the header 'Authorization: Key <your API key>'"
-            )
-        api_key = self._store.find_api_key(hash_api_key(key))
+        key = _required_key(authorization)
+        key_hash = hash_api_key(key)
+        api_key = self.keys.get(key_hash) or self._store.find_api_key(key_hash)
         # The lookup is by hash; confirming the id part in constant time costs nothing.
         if api_key is None or (":" in key and not _same(api_key.id, key.partition(":")[0])):
             self.throttle.record_failure(client_host)
             raise AuthError(401, "Invalid API key: it is unknown or has been revoked")
+        self.keys.put(key_hash, api_key)
         return Principal(owner=api_key.id)
 
     def authenticate_from_cache(
         self, authorization: str | None, client_host: str | None
     ) -> Principal | None:
-        """``authenticate`` when it needs no store call (no key exists, and the store's
-        cached answer says so), else ``None``: the caller then calls ``authenticate``
-        (off the event loop where the store waits on the network)."""
-        if self._store.known_has_api_keys() is not False:
+        """``authenticate`` when it needs no store call, else ``None``: the caller then calls
+        ``authenticate`` (off the event loop where the store waits on the network). No call
+        is needed when no key exists and the store's cached answer says so, or when the key
+        sent was found within ``key_cache_s``."""
+        has_keys = self._store.known_has_api_keys()
+        if has_keys is False:
+            return self._without_keys(client_host)
+        key = key_from_authorization(authorization)
+        api_key = None if key is None else self.keys.get(hash_api_key(key))
+        if api_key is None:
             return None
-        return self._without_keys(client_host)
+        self.throttle.check(client_host)  # a locked-out client is refused even with a right key
+        return Principal(owner=api_key.id)
 
     def _without_keys(self, client_host: str | None) -> Principal:
         if self._insecure_no_auth or is_loopback_client(client_host):
@@ -209,6 +273,13 @@ class Authenticator:
             "on this machine. Create a key with `kontext-server keys create --name NAME` and "
             "send it as 'Authorization: Key <key>'.",
         )
+
+
+def _required_key(authorization: str | None) -> str:
+    key = key_from_authorization(authorization)
+    if key is None:
+        raise AuthError(401, "Missing API key: send the header 'Authorization: Key <your API key>'")
+    return key
 
 
 def _same(a: str, b: str) -> bool:

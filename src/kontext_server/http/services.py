@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kontext_server.config import Settings
-from kontext_server.core.auth import Authenticator, BadKeyThrottle
+from kontext_server.core.auth import Authenticator
 from kontext_server.core.service import QueueService
 from kontext_server.files.base import FileStore
 from kontext_server.http.webhooks import JobWebhooks
@@ -60,11 +60,7 @@ class ApiServices:
             files=files,
             signer=signer or WebhookSigner.load_or_create(settings.data_dir / WEBHOOK_KEY_FILE),
             queue=QueueService(store, settings, clock=clock),
-            authenticator=Authenticator(
-                store,
-                insecure_no_auth=settings.insecure_no_auth,
-                throttle=BadKeyThrottle.from_settings(settings),
-            ),
+            authenticator=Authenticator.from_settings(store, settings),
             webhooks=JobWebhooks(files, clock=clock),
             url_checker=webhook_fetcher(settings),
             webhook_fetcher=fetcher or webhook_fetcher(settings),
