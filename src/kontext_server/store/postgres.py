@@ -35,17 +35,17 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
+from psycopg.types.string import TextLoader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from kontext_server.domain.errors import StoreError, StoreUnavailableError
 from kontext_server.domain.jobs import (
-    ApiKey,
     CancelOutcome,
     Job,
-    JobEvent,
     JobStatus,
     NewJob,
     Progress,
@@ -63,9 +63,6 @@ from kontext_server.store.common import (
     START_TIMEOUT_ERROR_TYPE,
     WORKER_LOST_ERROR,
     WORKER_LOST_ERROR_TYPE,
-    KeysPresence,
-    check_retention_s,
-    file_keys_of,
     final_event,
     finish_error,
 )
@@ -75,7 +72,15 @@ from kontext_server.store.postgres_schema import (
     NOTIFY_CHANNEL,
     SCHEMA_VERSION,
 )
-from kontext_server.store.queue_ranks import QueueRanks
+from kontext_server.store.rows import (
+    deliveries_from_rows,
+    job_from_row,
+    job_insert_values,
+    purged_from_row,
+    queue_depth_from_row,
+)
+from kontext_server.store.sql_store import SqlJobStore
+from kontext_server.store.statements import PYFORMAT
 
 __all__ = ["PostgresJobStore"]
 
@@ -91,16 +96,12 @@ _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read 
 # The notification is sent when (and only if) the insert commits. ``RETURNING *``: the row as
 # stored (seq, defaults). No queue position here: ``QueueRanks`` answers it from memory.
 _INSERT_JOB_SQL = (
-    "WITH inserted AS (INSERT INTO jobs (id, owner, endpoint, priority, status,"
-    " max_attempts, input, start_deadline_at, webhook_url, base_url,"
-    " idempotency_key, retention_s, created_at, engine) VALUES (%(id)s, %(owner)s,"
-    " %(endpoint)s, %(priority)s, 'queued', %(max_attempts)s, %(input)s,"
-    " %(start_deadline_at)s, %(webhook_url)s, %(base_url)s,"
-    " %(idempotency_key)s, %(retention_s)s, %(now)s, %(engine)s)"
+    f"WITH inserted AS ({PYFORMAT.insert_job}"
     " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
     " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
     f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted AS i"
 )
+# statements.FENCE with named parameters, for the statements that also name others.
 _FENCE = (
     "id = %(job_id)s AND status = 'running' AND lease_owner = %(worker_id)s"
     " AND attempts = %(attempt)s"
@@ -127,6 +128,12 @@ def _closing(update: str) -> str:
     )
 
 
+# jsonb columns arrive as their text, decoded by ``rows.py`` as SQLite's are: one decoding
+# of a stored job's JSON for both backends (``psycopg.adapters`` loads them with json.loads).
+_ADAPTERS = AdaptersMap(psycopg.adapters)
+_ADAPTERS.register_loader("jsonb", TextLoader)
+
+
 def _int8_array(big_endian: bytes) -> array[int]:
     """8-byte big-endian signed integers (PostgreSQL's ``int8send``) as an ``array``, in
     slices of ``_ARRAY_SLICE`` bytes with a GIL release between them: 1M jobs are 8 MB, and
@@ -143,53 +150,6 @@ def _int8_array(big_endian: bytes) -> array[int]:
     return seqs
 
 
-def _job_from_row(row: DictRow) -> Job:
-    step, total = row["progress_step"], row["progress_total"]
-    return Job(
-        id=row["id"],
-        seq=row["seq"],
-        endpoint=row["endpoint"],
-        input=row["input"],
-        owner=row["owner"],
-        priority=row["priority"],
-        status=JobStatus(row["status"]),
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        cancel_requested=row["cancel_requested"],
-        lease_owner=row["lease_owner"],
-        lease_until=row["lease_until"],
-        result=row["result"],
-        error=row["error"],
-        error_type=row["error_type"],
-        progress=None if step is None or total is None else Progress(step=step, total=total),
-        start_deadline_at=row["start_deadline_at"],
-        webhook_url=row["webhook_url"],
-        base_url=row["base_url"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        engine=row["engine"],
-        upstream=row["upstream"],
-    )
-
-
-def _event_from_row(row: DictRow) -> JobEvent:
-    return JobEvent(
-        id=row["id"],
-        job_id=row["job_id"],
-        at=row["at"],
-        level=row["level"],
-        message=row["message"],
-        data=row["data"],
-    )
-
-
-def _api_key_from_row(row: DictRow) -> ApiKey:
-    return ApiKey(
-        id=row["id"], name=row["name"], created_at=row["created_at"], revoked_at=row["revoked_at"]
-    )
-
-
 def describe_dsn(dsn: str) -> str:
     """``dbname on host:port`` for messages: never the password."""
     try:
@@ -200,7 +160,7 @@ def describe_dsn(dsn: str) -> str:
     return f"database {parts.get('dbname') or '(default)'} on {host}:{parts.get('port') or 5432}"
 
 
-class PostgresJobStore:
+class PostgresJobStore(SqlJobStore):
     """The ``JobStore`` protocol on PostgreSQL (tested with 15). Thread-safe; open one per
     process (a pool must not cross ``fork()``).
 
@@ -213,6 +173,8 @@ class PostgresJobStore:
     """
 
     waits_on_network = True  # every call is a round trip: the API calls off its event loop
+    _sql = PYFORMAT
+    _list_api_keys_sql = 'SELECT * FROM api_keys ORDER BY created_at, id COLLATE "C"'
 
     def __init__(
         self,
@@ -227,8 +189,7 @@ class PostgresJobStore:
             raise StoreError(f"pool_max must be at least 1, not {pool_max}")
         self._dsn = dsn
         self._where = describe_dsn(dsn)
-        self._clock = clock
-        self._default_retention_s = check_retention_s(default_retention_s, "default_retention_s")
+        super().__init__(clock=clock, default_retention_s=default_retention_s)
         self._pool_max = pool_max
         self._acquire_timeout_s = acquire_timeout_s
         self._listen_lock = threading.Lock()
@@ -239,9 +200,7 @@ class PostgresJobStore:
         self._probing = False  # a probe is under way (see _healthy_pool)
         self._next_probe_at = 0.0  # time.monotonic(); no probe before this
         self._last_failure: BaseException = StoreError("not connected yet")
-        self._keys_presence = KeysPresence()
         self._used_at: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
-        self._ranks = QueueRanks(self._queued_lines)
         self._pool = self._new_pool()
         try:
             self._migrate()
@@ -258,6 +217,7 @@ class PostgresJobStore:
             kwargs={
                 "autocommit": True,
                 "row_factory": dict_row,
+                "context": _ADAPTERS,
                 "connect_timeout": CONNECT_TIMEOUT_S,
                 # Server-side prepared from the first repeat: every statement here is one
                 # of a few fixed texts, run again and again (a status poll, a claim).
@@ -402,6 +362,19 @@ class PostgresJobStore:
         with self._connection() as conn:
             return conn.execute(query, params).rowcount
 
+    @staticmethod
+    def _json(value: Any) -> Jsonb:
+        return Jsonb(value)
+
+    def _insert_api_key(self, params: tuple[str, str, str, float]) -> DictRow:
+        with self._connection() as conn:
+            try:
+                row = conn.execute(PYFORMAT.insert_api_key, params).fetchone()
+            except pg_errors.UniqueViolation as exc:
+                raise StoreError(f"cannot create API key {params[0]!r}: {exc}") from exc
+        assert row is not None  # INSERT ... RETURNING returns the row
+        return row
+
     def _migrate(self) -> None:
         with self._transaction() as conn:
             # Several processes may start at once: one applies, the others wait and see.
@@ -410,23 +383,7 @@ class PostgresJobStore:
                 "CREATE TABLE IF NOT EXISTS schema_version"
                 " (version integer PRIMARY KEY, applied_at double precision NOT NULL)"
             )
-            row = conn.execute(
-                "SELECT coalesce(max(version), 0) AS version FROM schema_version"
-            ).fetchone()
-            version = 0 if row is None else int(row["version"])
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the job store ({self._where}) has schema version {version}, newer than"
-                    f" this kontext-server knows ({SCHEMA_VERSION}): upgrade kontext-server"
-                )
-            for number, statements in MIGRATIONS:
-                if number > version:
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
-                        (number, self._clock()),
-                    )
+            self._apply_migrations(conn.execute, f"({self._where})", SCHEMA_VERSION, MIGRATIONS)
 
     def server_version(self) -> str:
         """PostgreSQL's version string (e.g. ``15.18``), for diagnostics."""
@@ -476,27 +433,13 @@ class PostgresJobStore:
     def _insert_all(self, conn: Connection, jobs: Sequence[NewJob]) -> list[DictRow | None]:
         """Each job's inserted row, or ``None`` where its idempotency key was taken."""
         if len(jobs) == 1:
-            return [conn.execute(_INSERT_JOB_SQL, self._insert_params(jobs[0])).fetchone()]
+            return [conn.execute(_INSERT_JOB_SQL, self._insert_values(jobs[0])).fetchone()]
         with conn.pipeline():
-            cursors = [conn.execute(_INSERT_JOB_SQL, self._insert_params(job)) for job in jobs]
+            cursors = [conn.execute(_INSERT_JOB_SQL, self._insert_values(job)) for job in jobs]
         return [cursor.fetchone() for cursor in cursors]
 
-    def _insert_params(self, job: NewJob) -> dict[str, Any]:
-        return {
-            "id": job.id,
-            "owner": job.owner,
-            "endpoint": job.endpoint,
-            "priority": job.priority,
-            "max_attempts": job.max_attempts,
-            "input": Jsonb(job.input),
-            "start_deadline_at": job.start_deadline_at,
-            "webhook_url": job.webhook_url,
-            "base_url": job.base_url,
-            "idempotency_key": job.idempotency_key,
-            "retention_s": job.retention_s,
-            "now": self._clock(),
-            "engine": job.engine,
-        }
+    def _insert_values(self, job: NewJob) -> tuple[Any, ...]:
+        return job_insert_values(job, self._clock(), Jsonb)
 
     def _submitted(
         self, conn: Connection, job: NewJob, row: DictRow | None, *, with_position: bool = True
@@ -504,13 +447,8 @@ class PostgresJobStore:
         """The outcome of one insert (position still 0); an idempotency conflict reads the
         earlier job, or inserts again if that one was purged meanwhile."""
         if row is not None:
-            return Submitted(_job_from_row(row), True, 0)
+            return Submitted(job_from_row(row), True, 0)
         return self._submit_one(conn, job, with_position=with_position)
-
-    def _note_submitted(self, done: Sequence[Submitted]) -> None:
-        for one in done:
-            if one.created:
-                self._ranks.note_queued(one.job.engine, one.job.priority, one.job.seq)
 
     def _submit_one(
         self, conn: Connection, job: NewJob, *, with_position: bool = True
@@ -519,38 +457,16 @@ class PostgresJobStore:
         purged in between (a very old key), a new insert."""
         for _ in range(_SUBMIT_TRIES):
             existing = conn.execute(
-                "SELECT * FROM jobs WHERE coalesce(owner, '') = %s AND idempotency_key = %s",
-                (job.owner or "", job.idempotency_key),
+                PYFORMAT.job_by_idempotency_key, (job.owner or "", job.idempotency_key)
             ).fetchone()
             if existing is not None:
-                found = _job_from_row(existing)
+                found = job_from_row(existing)
                 ahead = self.queue_position_of(found) if with_position else None
                 return Submitted(found, False, ahead or 0)
-            row = conn.execute(_INSERT_JOB_SQL, self._insert_params(job)).fetchone()
+            row = conn.execute(_INSERT_JOB_SQL, self._insert_values(job)).fetchone()
             if row is not None:
-                return Submitted(_job_from_row(row), True, 0)
+                return Submitted(job_from_row(row), True, 0)
         raise StoreError(f"cannot insert job {job.id!r}: its idempotency key kept conflicting")
-
-    def get(self, job_id: str) -> Job | None:
-        row = self._fetchone("SELECT * FROM jobs WHERE id = %s", (job_id,))
-        return None if row is None else _job_from_row(row)
-
-    def queue_position(self, job_id: str) -> int | None:
-        """Queued jobs of the same engine ahead by (priority, seq), from ``QueueRanks``: one
-        read of the job, then binary searches in memory, whatever the depth. Exact for this
-        process's own changes; other processes' are seen within ``QueueRanks.max_age_s`` (1 s) plus
-        one reload (``queue_ranks.py``)."""
-        row = self._fetchone(
-            "SELECT status, engine, priority, seq FROM jobs WHERE id = %s", (job_id,)
-        )
-        if row is None or row["status"] != JobStatus.QUEUED.value:
-            return None
-        return self._ranks.position(row["engine"], row["priority"], row["seq"])
-
-    def queue_position_of(self, job: Job) -> int | None:
-        if job.status is not JobStatus.QUEUED:
-            return None
-        return self._ranks.position(job.engine, job.priority, job.seq)
 
     def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
         """Every queued job's seq, by line (``QueueRanks``' loader): one statement, each
@@ -595,15 +511,7 @@ class PostgresJobStore:
             " FROM jobs WHERE status IN ('queued', 'running')"
             ' GROUP BY endpoint, priority ORDER BY endpoint COLLATE "C", priority'
         )
-        return [
-            QueueDepth(
-                endpoint=row["endpoint"],
-                priority=row["priority"],
-                queued=int(row["queued"]),
-                running=int(row["running"]),
-            )
-            for row in rows
-        ]
+        return [queue_depth_from_row(row) for row in rows]
 
     def request_cancel(self, job_id: str) -> CancelOutcome:
         with self._transaction() as conn:
@@ -627,7 +535,7 @@ class PostgresJobStore:
                 ).fetchall()
                 canceled = True
             else:
-                conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
+                conn.execute(PYFORMAT.request_cancel, (job_id,))
                 self._insert_event(conn, job_id, now, "WARN", "cancellation requested")
                 canceled = False
         if not canceled:
@@ -645,13 +553,6 @@ class PostgresJobStore:
             "error_type": CANCELLED_ERROR_TYPE,
             **more,
         }
-
-    def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
-        rows = self._fetchall(
-            "SELECT * FROM job_events WHERE job_id = %s AND id > %s ORDER BY id LIMIT %s",
-            (job_id, after_id, limit),
-        )
-        return [_event_from_row(row) for row in rows]
 
     # --- worker side ------------------------------------------------------------------------------
     def claim(self, worker_id: str, lease_s: float, *, engine: str = "local") -> Job | None:
@@ -681,7 +582,7 @@ class PostgresJobStore:
                 },
             ).fetchone()
         self._note(False, expired if row is None else [*expired, row])
-        return None if row is None else _job_from_row(row)
+        return None if row is None else job_from_row(row)
 
     def peek_queued(self, limit: int, *, engine: str = "local") -> list[Job]:
         """The next ``limit`` jobs ``claim`` would take, in its order; a plain read (no row
@@ -689,13 +590,8 @@ class PostgresJobStore:
         listed). Jobs past their start deadline are left out, as ``claim`` skips them."""
         if limit <= 0:
             return []
-        rows = self._fetchall(
-            "SELECT * FROM jobs WHERE status = 'queued' AND engine = %(engine)s"
-            " AND (start_deadline_at IS NULL OR start_deadline_at >= %(now)s)"
-            " ORDER BY priority, seq LIMIT %(limit)s",
-            {"engine": engine, "now": self._clock(), "limit": limit},
-        )
-        return [_job_from_row(row) for row in rows]
+        rows = self._fetchall(PYFORMAT.peek_queued, (engine, self._clock(), limit))
+        return [job_from_row(row) for row in rows]
 
     def wait_for_work(self, timeout_s: float, *, engine: str = "local") -> None:
         """LISTENs for ``kontext_jobs`` and returns on the first notification, at once if a
@@ -777,39 +673,8 @@ class PostgresJobStore:
         return len(released) == 1
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
-        return (
-            self._rowcount(
-                f"UPDATE jobs SET lease_until = %(lease_until)s WHERE {_FENCE}",
-                {
-                    "lease_until": self._clock() + lease_s,
-                    "job_id": job_id,
-                    "worker_id": worker_id,
-                    "attempt": attempt,
-                },
-            )
-            == 1
-        )
-
-    def set_upstream(
-        self, job_id: str, worker_id: str, attempt: int, upstream: dict[str, Any]
-    ) -> bool:
-        """Fenced: replace the job's ``upstream`` record (kept across attempts)."""
-        return (
-            self._rowcount(
-                f"UPDATE jobs SET upstream = %(upstream)s WHERE {_FENCE}",
-                {
-                    "upstream": Jsonb(upstream),
-                    "job_id": job_id,
-                    "worker_id": worker_id,
-                    "attempt": attempt,
-                },
-            )
-            == 1
-        )
-
-    def is_cancel_requested(self, job_id: str) -> bool:
-        row = self._fetchone("SELECT cancel_requested FROM jobs WHERE id = %s", (job_id,))
-        return row is not None and bool(row["cancel_requested"])
+        params = (self._clock() + lease_s, job_id, worker_id, attempt)
+        return self._rowcount(PYFORMAT.heartbeat, params) == 1
 
     def set_progress(self, job_id: str, worker_id: str, attempt: int, progress: Progress) -> bool:
         """Fenced; a hint, committed without waiting for the WAL flush
@@ -971,7 +836,7 @@ class PostgresJobStore:
             " SELECT id, result FROM purged ORDER BY expires_at, seq",
             (self._clock(), limit),
         )
-        return [PurgedJob(id=row["id"], file_keys=file_keys_of(row["result"])) for row in rows]
+        return [purged_from_row(row) for row in rows]
 
     @staticmethod
     def _insert_event(
@@ -1018,89 +883,4 @@ class PostgresJobStore:
             " RETURNING id, job_id, url, attempts, next_attempt_at",
             {"claimer": claimer, "until": now + lease_s, "now": now, "limit": limit},
         )
-        deliveries = [
-            WebhookDelivery(
-                id=row["id"],
-                job_id=row["job_id"],
-                url=row["url"],
-                attempts=row["attempts"],
-                next_attempt_at=row["next_attempt_at"],
-            )
-            for row in rows
-        ]
-        return sorted(deliveries, key=lambda d: (d.next_attempt_at, d.id))
-
-    def webhook_delivered(self, delivery_id: int) -> None:
-        self._rowcount(
-            "UPDATE webhook_outbox SET delivered_at = %s, attempts = attempts + 1,"
-            " claimed_by = NULL, claimed_until = NULL WHERE id = %s",
-            (self._clock(), delivery_id),
-        )
-
-    def webhook_retry(self, delivery_id: int, next_attempt_at: float, error: str) -> None:
-        """A failed attempt: ``attempts + 1``, due again at ``next_attempt_at``, claim released."""
-        self._rowcount(
-            "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = %s,"
-            " last_error = %s, claimed_by = NULL, claimed_until = NULL WHERE id = %s",
-            (next_attempt_at, error, delivery_id),
-        )
-
-    def webhook_give_up(self, delivery_id: int, error: str) -> None:
-        """The last failed attempt: ``attempts + 1``; the row is never due again."""
-        self._rowcount(
-            "UPDATE webhook_outbox SET attempts = attempts + 1, gave_up_at = %s,"
-            " last_error = %s, claimed_by = NULL, claimed_until = NULL WHERE id = %s",
-            (self._clock(), error, delivery_id),
-        )
-
-    # --- API keys ---------------------------------------------------------------------------------
-    def create_api_key(self, key_id: str, name: str, key_hash: str) -> ApiKey:
-        """Store a key by its hash (the caller hashes). ``StoreError`` if id or hash exists."""
-        with self._connection() as conn:
-            try:
-                row = conn.execute(
-                    "INSERT INTO api_keys (id, name, key_hash, created_at)"
-                    " VALUES (%s, %s, %s, %s) RETURNING *",
-                    (key_id, name, key_hash, self._clock()),
-                ).fetchone()
-            except pg_errors.UniqueViolation as exc:
-                raise StoreError(f"cannot create API key {key_id!r}: {exc}") from exc
-        self._keys_presence.forget()
-        assert row is not None  # INSERT ... RETURNING returns the row
-        return _api_key_from_row(row)
-
-    def find_api_key(self, key_hash: str) -> ApiKey | None:
-        row = self._fetchone(
-            "SELECT * FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL", (key_hash,)
-        )
-        return None if row is None else _api_key_from_row(row)
-
-    def list_api_keys(self) -> list[ApiKey]:
-        """Every key, revoked ones included, oldest first."""
-        rows = self._fetchall('SELECT * FROM api_keys ORDER BY created_at, id COLLATE "C"')
-        return [_api_key_from_row(row) for row in rows]
-
-    def revoke_api_key(self, key_id: str) -> bool:
-        """``True`` if an active key with this id was revoked now; ``False`` if there is no
-        such key or it was already revoked."""
-        revoked = self._rowcount(
-            "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL",
-            (self._clock(), key_id),
-        )
-        self._keys_presence.forget()
-        return revoked == 1
-
-    def known_has_api_keys(self) -> bool | None:
-        """``has_api_keys``' cached answer, or ``None`` when it would ask the database."""
-        return self._keys_presence.known()
-
-    def has_api_keys(self) -> bool:
-        """Cached for ``API_KEYS_CACHE_S`` (``common.KeysPresence``): authentication asks on
-        every request, and each answer would be a round trip."""
-        return self._keys_presence.answer(self._any_active_key)
-
-    def _any_active_key(self) -> bool:
-        row = self._fetchone(
-            "SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL) AS any"
-        )
-        return row is not None and bool(row["any"])
+        return deliveries_from_rows(rows)

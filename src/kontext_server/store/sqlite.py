@@ -17,7 +17,6 @@ created or migrated on open under the write lock, so concurrent openers are safe
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -33,10 +32,8 @@ from typing import Any
 
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import (
-    ApiKey,
     CancelOutcome,
     Job,
-    JobEvent,
     JobStatus,
     NewJob,
     Progress,
@@ -54,14 +51,23 @@ from kontext_server.store.common import (
     START_TIMEOUT_ERROR_TYPE,
     WORKER_LOST_ERROR,
     WORKER_LOST_ERROR_TYPE,
-    KeysPresence,
-    check_retention_s,
-    file_keys_of,
     final_event,
     finish_error,
 )
 from kontext_server.store.queue_ranks import QueueRanks
+from kontext_server.store.rows import (
+    Row,
+    deliveries_from_rows,
+    dumps,
+    job_from_row,
+    job_insert_values,
+    new_job,
+    purged_from_row,
+    queue_depth_from_row,
+)
+from kontext_server.store.sql_store import SqlJobStore
 from kontext_server.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from kontext_server.store.statements import FENCE, QMARK
 
 __all__ = [
     "CANCELLED_ERROR",
@@ -75,6 +81,7 @@ __all__ = [
 
 BUSY_TIMEOUT_MS = 10_000
 WORK_POLL_INTERVAL_S = 0.02  # wait_for_work's look at the table when no in-process signal came
+_INSERT_JOB_SQL = f"{QMARK.insert_job} RETURNING seq"
 
 _QUEUE_POSITION_SQL = (
     "SELECT"
@@ -93,7 +100,6 @@ _QUEUE_POSITION_SQL = (
     "   END"
     " FROM jobs AS j WHERE j.id = ? AND j.status = 'queued'"
 )
-_FENCE = "id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
 
 
 def _hex_array(text: str) -> array[int]:
@@ -110,89 +116,7 @@ def _hex_array(text: str) -> array[int]:
     return seqs
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _loads_or_none(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _job_from_row(row: sqlite3.Row) -> Job:
-    step, total = row["progress_step"], row["progress_total"]
-    return Job(
-        id=row["id"],
-        seq=row["seq"],
-        endpoint=row["endpoint"],
-        input=json.loads(row["input"]),
-        owner=row["owner"],
-        priority=row["priority"],
-        status=JobStatus(row["status"]),
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        cancel_requested=bool(row["cancel_requested"]),
-        lease_owner=row["lease_owner"],
-        lease_until=row["lease_until"],
-        result=_loads_or_none(row["result"]),
-        error=row["error"],
-        error_type=row["error_type"],
-        progress=None if step is None or total is None else Progress(step=step, total=total),
-        start_deadline_at=row["start_deadline_at"],
-        webhook_url=row["webhook_url"],
-        base_url=row["base_url"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        engine=row["engine"],
-        upstream=_loads_or_none(row["upstream"]),
-    )
-
-
-def _new_job_row(job: NewJob, seq: int, created_at: float) -> Job:
-    """The row ``submit`` just inserted, without reading it back."""
-    return Job(
-        id=job.id,
-        seq=seq,
-        endpoint=job.endpoint,
-        input=job.input,
-        owner=job.owner,
-        priority=job.priority,
-        status=JobStatus.QUEUED,
-        attempts=0,
-        max_attempts=job.max_attempts,
-        cancel_requested=False,
-        lease_owner=None,
-        lease_until=None,
-        result=None,
-        error=None,
-        error_type=None,
-        progress=None,
-        start_deadline_at=job.start_deadline_at,
-        webhook_url=job.webhook_url,
-        base_url=job.base_url,
-        created_at=created_at,
-        engine=job.engine,
-    )
-
-
-def _event_from_row(row: sqlite3.Row) -> JobEvent:
-    return JobEvent(
-        id=row["id"],
-        job_id=row["job_id"],
-        at=row["at"],
-        level=row["level"],
-        message=row["message"],
-        data=json.loads(row["data"]),
-    )
-
-
-def _api_key_from_row(row: sqlite3.Row) -> ApiKey:
-    return ApiKey(
-        id=row["id"], name=row["name"], created_at=row["created_at"], revoked_at=row["revoked_at"]
-    )
-
-
-class SQLiteJobStore:
+class SQLiteJobStore(SqlJobStore):
     """The ``JobStore`` protocol on one SQLite file. Thread-safe and multi-process safe.
 
     ``path`` is a file path; ``":memory:"`` gives a private temporary file removed on
@@ -203,6 +127,8 @@ class SQLiteJobStore:
     """
 
     waits_on_network = False  # a local file: calls stay on the API's event loop
+    _sql = QMARK
+    _list_api_keys_sql = "SELECT * FROM api_keys ORDER BY created_at, id"
 
     def __init__(
         self,
@@ -212,9 +138,8 @@ class SQLiteJobStore:
         default_retention_s: float = DEFAULT_RETENTION_S,
         work_poll_s: float = WORK_POLL_INTERVAL_S,
     ):
-        self._clock = clock
+        super().__init__(clock=clock, default_retention_s=default_retention_s)
         self._work_poll_s = work_poll_s
-        self._default_retention_s = check_retention_s(default_retention_s, "default_retention_s")
         self._work_signal = threading.Condition()
         self._temp_dir: str | None = None
         if str(path) == ":memory:":
@@ -230,8 +155,6 @@ class SQLiteJobStore:
         # processes still meet busy_timeout.
         self._write_lock = threading.RLock()
         self._moves: list[tuple[bool, sqlite3.Row]] = []  # of the open write (under the lock)
-        self._keys_presence = KeysPresence()
-        self._ranks = QueueRanks(self._queued_lines)
         self._pid = os.getpid()
         self._closed = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,27 +234,35 @@ class SQLiteJobStore:
         (``queued``) or left the queue; told to ``QueueRanks`` once the transaction commits."""
         self._moves.extend((queued, row) for row in rows)
 
+    # --- SqlJobStore's dialect: one statement on this thread's connection (autocommit) ---------
+    def _fetchone(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn().execute(sql, params).fetchone()
+        return row
+
+    def _fetchall(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, params).fetchall()
+
+    def _rowcount(self, sql: str, params: Any = ()) -> int:
+        return self._conn().execute(sql, params).rowcount
+
+    @staticmethod
+    def _json(value: Any) -> str:
+        return dumps(value)
+
+    def _insert_api_key(self, params: tuple[str, str, str, float]) -> Row:
+        try:
+            row: sqlite3.Row = self._conn().execute(QMARK.insert_api_key, params).fetchone()
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"cannot create API key {params[0]!r}: {exc}") from exc
+        return row
+
     def _migrate(self) -> None:
         with self._write() as conn:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version"
                 " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
-            current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
-            version: int = current.fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the job store {self._path} has schema version {version}, newer than this"
-                    f" kontext-server knows ({SCHEMA_VERSION}): upgrade kontext-server"
-                )
-            for number, statements in MIGRATIONS:
-                if number > version:
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                        (number, self._clock()),
-                    )
+            self._apply_migrations(conn.execute, str(self._path), SCHEMA_VERSION, MIGRATIONS)
 
     def ping(self) -> None:
         self._conn().execute("SELECT 1 FROM jobs LIMIT 1").fetchone()  # reads the file
@@ -357,9 +288,7 @@ class SQLiteJobStore:
             return []
         with self._write() as conn:
             done = [self._submit_one(conn, job) for job in jobs]
-        for one in done:
-            if one.created:
-                self._ranks.note_queued(one.job.engine, one.job.priority, one.job.seq)
+        self._note_submitted(done)
         if any(one.created for one in done):
             self._signal_work()
         return done
@@ -367,35 +296,14 @@ class SQLiteJobStore:
     def _submit_one(self, conn: sqlite3.Connection, job: NewJob) -> Submitted:
         if job.idempotency_key is not None:
             existing = conn.execute(
-                "SELECT * FROM jobs WHERE coalesce(owner, '') = ? AND idempotency_key = ?",
-                (job.owner or "", job.idempotency_key),
+                QMARK.job_by_idempotency_key, (job.owner or "", job.idempotency_key)
             ).fetchone()
             if existing is not None:
-                found = _job_from_row(existing)
+                found = job_from_row(existing)
                 return Submitted(found, False, self._position_in(conn, found.id))
         now = self._clock()
         try:
-            (seq,) = conn.execute(
-                "INSERT INTO jobs (id, owner, endpoint, priority, status, max_attempts,"
-                " input, start_deadline_at, webhook_url, base_url, idempotency_key,"
-                " retention_s, created_at, engine)"
-                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-                (
-                    job.id,
-                    job.owner,
-                    job.endpoint,
-                    job.priority,
-                    job.max_attempts,
-                    _dumps(job.input),
-                    job.start_deadline_at,
-                    job.webhook_url,
-                    job.base_url,
-                    job.idempotency_key,
-                    job.retention_s,
-                    now,
-                    job.engine,
-                ),
-            ).fetchone()
+            (seq,) = conn.execute(_INSERT_JOB_SQL, job_insert_values(job, now, dumps)).fetchone()
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot insert job {job.id!r}: {exc}") from exc
         # The newest job of its line: every other queued job of its engine at its priority or
@@ -405,34 +313,11 @@ class SQLiteJobStore:
             " WHERE engine = ? AND priority <= ?",
             (job.engine, job.priority),
         ).fetchone()
-        return Submitted(_new_job_row(job, seq, now), True, int(ahead))
+        return Submitted(new_job(job, seq, now), True, int(ahead))
 
     def _position_in(self, conn: sqlite3.Connection, job_id: str) -> int:
         row = conn.execute(_QUEUE_POSITION_SQL, (job_id,)).fetchone()
         return 0 if row is None else int(row[0])
-
-    def get(self, job_id: str) -> Job | None:
-        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _job_from_row(row)
-
-    def queue_position(self, job_id: str) -> int | None:
-        """Queued jobs of the same engine ahead by (priority, seq), from ``QueueRanks``: one
-        read of the job, then binary searches in memory, whatever the depth. Exact for this
-        process's own changes; other processes' are seen within ``QueueRanks.max_age_s`` (1 s) plus
-        one reload (``queue_ranks.py``)."""
-        row = (
-            self._conn()
-            .execute("SELECT status, engine, priority, seq FROM jobs WHERE id = ?", (job_id,))
-            .fetchone()
-        )
-        if row is None or row["status"] != JobStatus.QUEUED.value:
-            return None
-        return self._ranks.position(row["engine"], row["priority"], row["seq"])
-
-    def queue_position_of(self, job: Job) -> int | None:
-        if job.status is not JobStatus.QUEUED:
-            return None
-        return self._ranks.position(job.engine, job.priority, job.seq)
 
     def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
         """Every queued job's seq, by line (``QueueRanks``' loader), in one read transaction:
@@ -484,15 +369,7 @@ class SQLiteJobStore:
             )
             .fetchall()
         )
-        return [
-            QueueDepth(
-                endpoint=row["endpoint"],
-                priority=row["priority"],
-                queued=int(row["queued"]),
-                running=int(row["running"]),
-            )
-            for row in rows
-        ]
+        return [queue_depth_from_row(row) for row in rows]
 
     def request_cancel(self, job_id: str) -> CancelOutcome:
         with self._write() as conn:
@@ -506,7 +383,7 @@ class SQLiteJobStore:
             if status is JobStatus.QUEUED:
                 self._cancel_queued(conn, job_id, now)
                 return CancelOutcome.CANCELED
-            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            conn.execute(QMARK.request_cancel, (job_id,))
             self._insert_event(conn, job_id, now, "WARN", "cancellation requested")
             return CancelOutcome.REQUESTED
 
@@ -519,17 +396,6 @@ class SQLiteJobStore:
         ).fetchall()
         self._close_jobs(conn, rows, now, "WARN", "canceled")
         self._moved(False, rows)
-
-    def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
-                (job_id, after_id, limit),
-            )
-            .fetchall()
-        )
-        return [_event_from_row(row) for row in rows]
 
     # --- worker side ------------------------------------------------------------------------------
     def claim(self, worker_id: str, lease_s: float, *, engine: str = "local") -> Job | None:
@@ -550,7 +416,7 @@ class SQLiteJobStore:
             ).fetchone()
             if row is None:
                 return None
-            job = _job_from_row(row)
+            job = job_from_row(row)
             self._moved(False, [row])
             self._insert_event(conn, job.id, now, "INFO", f"started (attempt {job.attempts})")
         return job
@@ -561,17 +427,8 @@ class SQLiteJobStore:
         them instead of starting them."""
         if limit <= 0 or not self._anything_queued(engine):
             return []
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT * FROM jobs WHERE status = 'queued' AND engine = ?"
-                " AND (start_deadline_at IS NULL OR start_deadline_at >= ?)"
-                " ORDER BY priority, seq LIMIT ?",
-                (engine, self._clock(), limit),
-            )
-            .fetchall()
-        )
-        return [_job_from_row(row) for row in rows]
+        rows = self._conn().execute(QMARK.peek_queued, (engine, self._clock(), limit)).fetchall()
+        return [job_from_row(row) for row in rows]
 
     def _anything_queued(self, engine: str) -> bool:
         row = (
@@ -609,7 +466,7 @@ class SQLiteJobStore:
             now = self._clock()
             canceled = conn.execute(
                 "UPDATE jobs SET status = 'canceled', error = ?, error_type = ?,"
-                f" finished_at = ?, lease_until = NULL WHERE {_FENCE} AND cancel_requested = 1"
+                f" finished_at = ?, lease_until = NULL WHERE {FENCE} AND cancel_requested = 1"
                 " RETURNING id, webhook_url",
                 (CANCELLED_ERROR, CANCELLED_ERROR_TYPE, now, job_id, worker_id, attempt),
             ).fetchall()
@@ -619,7 +476,7 @@ class SQLiteJobStore:
             released = conn.execute(
                 "UPDATE jobs SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
                 " lease_until = NULL, started_at = NULL, progress_step = NULL,"
-                f" progress_total = NULL WHERE {_FENCE} RETURNING engine, priority, seq",
+                f" progress_total = NULL WHERE {FENCE} RETURNING engine, priority, seq",
                 (job_id, worker_id, attempt),
             ).fetchall()
             if len(released) != 1:
@@ -632,33 +489,14 @@ class SQLiteJobStore:
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> bool:
         with self._write_lock:
             cursor = self._conn().execute(
-                f"UPDATE jobs SET lease_until = ? WHERE {_FENCE}",
-                (self._clock() + lease_s, job_id, worker_id, attempt),
+                QMARK.heartbeat, (self._clock() + lease_s, job_id, worker_id, attempt)
             )
         return cursor.rowcount == 1
-
-    def set_upstream(
-        self, job_id: str, worker_id: str, attempt: int, upstream: dict[str, Any]
-    ) -> bool:
-        """Fenced: replace the job's ``upstream`` record (kept across attempts)."""
-        cursor = self._conn().execute(
-            f"UPDATE jobs SET upstream = ? WHERE {_FENCE}",
-            (_dumps(upstream), job_id, worker_id, attempt),
-        )
-        return cursor.rowcount == 1
-
-    def is_cancel_requested(self, job_id: str) -> bool:
-        row = (
-            self._conn()
-            .execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
-            .fetchone()
-        )
-        return row is not None and bool(row[0])
 
     def set_progress(self, job_id: str, worker_id: str, attempt: int, progress: Progress) -> bool:
         with self._write() as conn:
             cursor = conn.execute(
-                f"UPDATE jobs SET progress_step = ?, progress_total = ? WHERE {_FENCE}",
+                f"UPDATE jobs SET progress_step = ?, progress_total = ? WHERE {FENCE}",
                 (progress.step, progress.total, job_id, worker_id, attempt),
             )
             if cursor.rowcount != 1:
@@ -701,10 +539,10 @@ class SQLiteJobStore:
             now = self._clock()
             rows = conn.execute(
                 "UPDATE jobs SET status = ?, result = ?, error = ?, error_type = ?,"
-                f" finished_at = ?, lease_until = NULL WHERE {_FENCE} RETURNING id, webhook_url",
+                f" finished_at = ?, lease_until = NULL WHERE {FENCE} RETURNING id, webhook_url",
                 (
                     status.value,
-                    None if result is None else _dumps(result),
+                    None if result is None else dumps(result),
                     error,
                     error_type,
                     now,
@@ -779,10 +617,7 @@ class SQLiteJobStore:
                 " ORDER BY expires_at, seq LIMIT ?) RETURNING id, result",
                 (self._clock(), limit),
             ).fetchall()
-        return [
-            PurgedJob(id=row["id"], file_keys=file_keys_of(_loads_or_none(row["result"])))
-            for row in rows
-        ]
+        return [purged_from_row(row) for row in rows]
 
     # --- shared pieces of transactions ------------------------------------------------------------
     def _close_jobs(
@@ -818,7 +653,7 @@ class SQLiteJobStore:
     ) -> None:
         conn.execute(
             "INSERT INTO job_events (job_id, at, level, message, data) VALUES (?, ?, ?, ?, ?)",
-            (job_id, at, level, message, _dumps(data or {})),
+            (job_id, at, level, message, dumps(data or {})),
         )
 
     # --- webhook outbox ---------------------------------------------------------------------------
@@ -837,96 +672,4 @@ class SQLiteJobStore:
                 " RETURNING id, job_id, url, attempts, next_attempt_at",
                 (claimer, now + lease_s, now, now, limit),
             ).fetchall()
-        deliveries = [
-            WebhookDelivery(
-                id=row["id"],
-                job_id=row["job_id"],
-                url=row["url"],
-                attempts=row["attempts"],
-                next_attempt_at=row["next_attempt_at"],
-            )
-            for row in rows
-        ]
-        return sorted(deliveries, key=lambda d: (d.next_attempt_at, d.id))
-
-    def webhook_delivered(self, delivery_id: int) -> None:
-        self._conn().execute(
-            "UPDATE webhook_outbox SET delivered_at = ?, attempts = attempts + 1,"
-            " claimed_by = NULL, claimed_until = NULL WHERE id = ?",
-            (self._clock(), delivery_id),
-        )
-
-    def webhook_retry(self, delivery_id: int, next_attempt_at: float, error: str) -> None:
-        """A failed attempt: ``attempts + 1``, due again at ``next_attempt_at``, claim released."""
-        self._conn().execute(
-            "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = ?,"
-            " last_error = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
-            (next_attempt_at, error, delivery_id),
-        )
-
-    def webhook_give_up(self, delivery_id: int, error: str) -> None:
-        """The last failed attempt: ``attempts + 1``; the row is never due again."""
-        self._conn().execute(
-            "UPDATE webhook_outbox SET attempts = attempts + 1, gave_up_at = ?, last_error = ?,"
-            " claimed_by = NULL, claimed_until = NULL WHERE id = ?",
-            (self._clock(), error, delivery_id),
-        )
-
-    # --- API keys ---------------------------------------------------------------------------------
-    def create_api_key(self, key_id: str, name: str, key_hash: str) -> ApiKey:
-        """Store a key by its hash (the caller hashes). ``StoreError`` if id or hash exists."""
-        try:
-            row = (
-                self._conn()
-                .execute(
-                    "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)"
-                    " RETURNING *",
-                    (key_id, name, key_hash, self._clock()),
-                )
-                .fetchone()
-            )
-        except sqlite3.IntegrityError as exc:
-            raise StoreError(f"cannot create API key {key_id!r}: {exc}") from exc
-        self._keys_presence.forget()
-        return _api_key_from_row(row)
-
-    def find_api_key(self, key_hash: str) -> ApiKey | None:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,)
-            )
-            .fetchone()
-        )
-        return None if row is None else _api_key_from_row(row)
-
-    def list_api_keys(self) -> list[ApiKey]:
-        """Every key, revoked ones included, oldest first."""
-        rows = self._conn().execute("SELECT * FROM api_keys ORDER BY created_at, id").fetchall()
-        return [_api_key_from_row(row) for row in rows]
-
-    def revoke_api_key(self, key_id: str) -> bool:
-        """``True`` if an active key with this id was revoked now; ``False`` if there is no
-        such key or it was already revoked."""
-        cursor = self._conn().execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (self._clock(), key_id),
-        )
-        self._keys_presence.forget()
-        return cursor.rowcount == 1
-
-    def known_has_api_keys(self) -> bool | None:
-        """``has_api_keys``' cached answer, or ``None`` when it would ask the database."""
-        return self._keys_presence.known()
-
-    def has_api_keys(self) -> bool:
-        """Cached for ``API_KEYS_CACHE_S`` (``common.KeysPresence``)."""
-        return self._keys_presence.answer(self._any_active_key)
-
-    def _any_active_key(self) -> bool:
-        row = (
-            self._conn()
-            .execute("SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)")
-            .fetchone()
-        )
-        return bool(row[0])
+        return deliveries_from_rows(rows)
