@@ -13,7 +13,7 @@ from kontext_server.domain.editing import (
     EditInput,
     EditRequest,
 )
-from kontext_server.store.inputs import read_input, stored_input, upgrade_record
+from kontext_server.store.inputs import decode_input, encode_input, upgrade_record
 
 FULL = EditInput(
     prompt="make it blue",
@@ -79,9 +79,9 @@ def test_edit_request_carries_every_engine_field() -> None:
 
 
 def test_stored_input_keeps_the_skin_data_beside_the_edit() -> None:
-    record = stored_input(FULL, "bfl", {"webhook_secret": "s"})
-    assert read_input(json.loads(json.dumps(record))) == (FULL, "bfl", {"webhook_secret": "s"})
-    assert read_input(stored_input(FULL)) == (FULL, None, None)
+    record = encode_input(FULL, "bfl", {"webhook_secret": "s"})
+    assert decode_input(json.loads(json.dumps(record))) == (FULL, "bfl", {"webhook_secret": "s"})
+    assert decode_input(encode_input(FULL)) == (FULL, None, None)
     assert upgrade_record(record) is None  # new rows are left alone
 
 
@@ -101,7 +101,7 @@ LEGACY_MAX = {
 
 
 def test_an_old_max_row_reads_as_the_worker_read_it() -> None:
-    edit, api, api_data = read_input(LEGACY_MAX)
+    edit, api, api_data = decode_input(LEGACY_MAX)
     assert edit == EditInput(
         prompt="add a hat",
         references=("https://example.com/cat.png",),
@@ -116,12 +116,12 @@ def test_an_old_max_row_reads_as_the_worker_read_it() -> None:
 
 
 def test_an_old_multi_row_keeps_its_references_in_order() -> None:
-    edit, _, _ = read_input({"prompt": "p", "image_urls": ["u1", "u2", "u3"]})
+    edit, _, _ = decode_input({"prompt": "p", "image_urls": ["u1", "u2", "u3"]})
     assert edit.references == ("u1", "u2", "u3")
 
 
 def test_an_old_text_to_image_row_has_no_reference() -> None:
-    edit, _, _ = read_input({"prompt": "a fox", "aspect_ratio": "1:1"})
+    edit, _, _ = decode_input({"prompt": "a fox", "aspect_ratio": "1:1"})
     assert (edit.references, edit.aspect_ratio) == ((), "1:1")
 
 
@@ -141,7 +141,7 @@ def test_an_old_dev_row_maps_its_resolution_mode(
         "acceleration": "regular",
         "enable_safety_checker": True,
     }
-    edit, _, _ = read_input(old)
+    edit, _, _ = decode_input(old)
     assert (edit.aspect_ratio, edit.match_input_size) == (aspect_ratio, match_input_size)
     assert (edit.guidance_scale, edit.num_inference_steps, edit.acceleration) == (
         2.5,
@@ -152,13 +152,13 @@ def test_an_old_dev_row_maps_its_resolution_mode(
 
 def test_an_old_bfl_row_names_its_skin() -> None:
     old = {**LEGACY_MAX, "bfl_api": {"webhook_secret": "shh"}}
-    _, api, api_data = read_input(old)
+    _, api, api_data = decode_input(old)
     assert (api, api_data) == ("bfl", {"webhook_secret": "shh"})
 
 
 @pytest.mark.parametrize("raw", [None, "x", "9", 0])
 def test_an_old_odd_safety_level_reads_as_the_default(raw: object) -> None:
-    edit, _, _ = read_input({"prompt": "p", "safety_tolerance": raw})
+    edit, _, _ = decode_input({"prompt": "p", "safety_tolerance": raw})
     assert edit.safety_tolerance == 2
 
 
@@ -166,4 +166,4 @@ def test_upgrade_rewrites_an_old_row_to_the_same_edit() -> None:
     old = {**LEGACY_MAX, "bfl_api": {"webhook_secret": None}}
     new = upgrade_record(old)
     assert new is not None and new["v"] == EDIT_INPUT_VERSION
-    assert read_input(new) == read_input(old)
+    assert decode_input(new) == decode_input(old)

@@ -21,7 +21,7 @@ from kontext_server.cli.client import (
     edit_remotely,
 )
 from kontext_server.cli.common import ModelOpt, configure_logging, load_settings
-from kontext_server.domain.editing import EditRequest, EditResult
+from kontext_server.domain.editing import DEFAULT_GUIDANCE_SCALE, EditRequest, EditResult
 from kontext_server.domain.errors import InputError, KontextError
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def edit(
     out: Annotated[Path, typer.Option(help="Folder for the output images (created).")],
     model: ModelOpt = None,
     seed: Annotated[int | None, typer.Option(help="Default: drawn and printed.")] = None,
-    guidance_scale: Annotated[float, typer.Option()] = 3.5,
+    guidance_scale: Annotated[float, typer.Option()] = DEFAULT_GUIDANCE_SCALE,
     num_images: Annotated[int, typer.Option(min=1, max=4)] = 1,
     aspect_ratio: Annotated[str | None, typer.Option(help="W:H, 21:9 to 9:21")] = None,
     steps: Annotated[int | None, typer.Option(help="Default: 28 (4 for tiny).")] = None,

@@ -26,6 +26,7 @@ import uuid6
 from kontext_server.config import Settings
 from kontext_server.core.group_commit import GroupCommit
 from kontext_server.core.periodic import PeriodicTask
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.errors import KontextError
 from kontext_server.domain.jobs import (
     PRIORITY_NORMAL,
@@ -90,6 +91,8 @@ class SubmitArgs(TypedDict, total=False):
     idempotency_key: str | None
     retry: bool
     retention_s: float | None
+    api: str | None  # the skin that needs something back later (NewJob.api)
+    api_data: dict[str, Any] | None
 
 
 class QueueService:
@@ -113,9 +116,9 @@ class QueueService:
 
     # --- API verbs ------------------------------------------------------------------------------
     def submit(
-        self, endpoint: str, input: dict[str, Any], **options: Unpack[SubmitArgs]
+        self, endpoint: str, edit: EditInput, **options: Unpack[SubmitArgs]
     ) -> SubmitOutcome:
-        """Queue one job. ``input`` must already be validated. ``start_timeout_s`` is a
+        """Queue one edit (validated by its skin). ``start_timeout_s`` is a
         deadline to *start* (the job fails with ``request_timeout`` if no worker took it by
         then). ``retry=False`` runs it at most once (no re-queue after a lost worker).
         ``retention_s`` keeps the finished job (and its files) that long instead of the
@@ -124,18 +127,18 @@ class QueueService:
         Raises ``QueueFullError`` when this owner, or the whole queue, is at its limit of
         queued jobs, and ``IdempotencyConflictError`` when ``idempotency_key`` was used by this
         owner for a different request."""
-        new_job = self._new_job(endpoint, input, options)
+        new_job = self._new_job(endpoint, edit, options)
         return self._outcome(new_job, self._group_commit.submit_now(new_job))
 
     async def submit_async(
-        self, endpoint: str, input: dict[str, Any], **options: Unpack[SubmitArgs]
+        self, endpoint: str, edit: EditInput, **options: Unpack[SubmitArgs]
     ) -> SubmitOutcome:
         """``submit`` for the event loop: the submits of one loop turn share one store
         transaction (``GroupCommit``)."""
-        new_job = self._new_job(endpoint, input, options)
+        new_job = self._new_job(endpoint, edit, options)
         return self._outcome(new_job, await self._group_commit.submit(new_job))
 
-    def _new_job(self, endpoint: str, input: dict[str, Any], options: SubmitArgs) -> NewJob:
+    def _new_job(self, endpoint: str, edit: EditInput, options: SubmitArgs) -> NewJob:
         start_timeout_s = options.get("start_timeout_s")
         return NewJob(
             # Time-ordered (RFC 9562 version 7: a millisecond timestamp, then 76 random
@@ -143,7 +146,7 @@ class QueueService:
             # of it, which halves the cost of an insert (docs/performance.md).
             id=str(uuid6.uuid7()),
             endpoint=endpoint,
-            input=input,
+            input=edit,
             owner=options.get("owner"),
             priority=options.get("priority", PRIORITY_NORMAL),
             max_attempts=self.settings.max_attempts if options.get("retry", True) else 1,
@@ -153,12 +156,14 @@ class QueueService:
             idempotency_key=options.get("idempotency_key"),
             retention_s=options.get("retention_s"),
             engine=self.settings.engine_for(endpoint),
+            api=options.get("api"),
+            api_data=options.get("api_data"),
         )
 
     @staticmethod
     def _outcome(new_job: NewJob, done: Submitted) -> SubmitOutcome:
         job = done.job
-        if not done.created and (job.endpoint != new_job.endpoint or job.input != new_job.input):
+        if not done.created and not new_job.same_request(job):
             raise IdempotencyConflictError(
                 f"Idempotency-Key {new_job.idempotency_key!r} was already used for a different "
                 f"request ({job.id}); use a new key for a new request"

@@ -9,6 +9,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from kontext_server.domain.editing import EditInput
+
 __all__ = [
     "PRIORITY_LOW",
     "PRIORITY_NORMAL",
@@ -49,11 +51,15 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
-    """What submit inserts. ``input`` is the validated endpoint input as JSON."""
+    """What submit inserts: the edit (``input``), who asked, and how it is queued.
+
+    ``api`` names the protocol skin that needs something back later (e.g. ``"bfl"``: its
+    webhook shape), with its own data in ``api_data`` (e.g. a webhook secret); ``None`` for
+    the default (fal). Neither is read by the core or the workers."""
 
     id: str
     endpoint: str  # e.g. "fal-ai/flux-pro/kontext/max"
-    input: dict[str, Any]
+    input: EditInput
     owner: str | None = None  # API key id; None when authentication is off
     priority: int = PRIORITY_NORMAL
     max_attempts: int = 3
@@ -63,6 +69,17 @@ class NewJob:
     idempotency_key: str | None = None
     retention_s: float | None = None  # kept this long after finishing; None: the store default
     engine: str = "local"  # who runs it: "local" (our GPUs) or "bfl" (Black Forest Labs' API)
+    api: str | None = None
+    api_data: dict[str, Any] | None = None
+
+    def same_request(self, job: Job) -> bool:
+        """Whether ``job`` (found by this one's idempotency key) asked for the same thing."""
+        return (self.endpoint, self.input, self.api, self.api_data) == (
+            job.endpoint,
+            job.input,
+            job.api,
+            job.api_data,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +87,7 @@ class Job:
     id: str
     seq: int
     endpoint: str
-    input: dict[str, Any]
+    input: EditInput
     owner: str | None
     priority: int
     status: JobStatus
@@ -93,6 +110,8 @@ class Job:
     # What an upstream engine recorded before waiting on its provider (``set_upstream``), so
     # that a later attempt resumes the same upstream task instead of paying for another.
     upstream: dict[str, Any] | None = None
+    api: str | None = None  # NewJob.api
+    api_data: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ edit, and neither is ever rendered to a client.
 
 Rows written before (no ``"v"``) hold the fal endpoint input as validated then: ``image_url``
 or ``image_urls``, ``sync_mode``, ``safety_tolerance`` as a string, fal [dev]'s
-``resolution_mode``, and BFL jobs' ``"bfl_api"`` options. ``read_input`` maps them the way the
+``resolution_mode``, and BFL jobs' ``"bfl_api"`` options. ``decode_input`` maps them the way the
 worker read them (the same defaults); ``upgrade_record`` rewrites one for the schema
 migration that converts old rows (``MIGRATE_INPUTS_VERSION``).
 """
@@ -27,13 +27,13 @@ from kontext_server.domain.editing import (
     RequestAcceleration,
 )
 
-__all__ = ["LEGACY_BFL_KEY", "read_input", "stored_input", "upgrade_record"]
+__all__ = ["LEGACY_BFL_KEY", "decode_input", "encode_input", "upgrade_record"]
 
 # Where rows written before the typed input kept a BFL job's options (the skin's name since).
 LEGACY_BFL_KEY = "bfl_api"
 
 
-def stored_input(
+def encode_input(
     edit: EditInput, api: str | None = None, api_data: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The JSON of the ``input`` column."""
@@ -44,7 +44,7 @@ def stored_input(
     return record
 
 
-def read_input(data: Mapping[str, Any]) -> tuple[EditInput, str | None, dict[str, Any] | None]:
+def decode_input(data: Mapping[str, Any]) -> tuple[EditInput, str | None, dict[str, Any] | None]:
     """``(edit, api, api_data)`` of a stored ``input`` column, new or old."""
     if EditInput.is_record(data):
         api_data = data.get("api_data")
@@ -56,7 +56,7 @@ def upgrade_record(data: Mapping[str, Any]) -> dict[str, Any] | None:
     """The new JSON for an old row's input; None when it is new already."""
     if EditInput.is_record(data):
         return None
-    return stored_input(*read_input(data))
+    return encode_input(*decode_input(data))
 
 
 def _legacy_edit(data: Mapping[str, Any]) -> EditInput:

@@ -26,6 +26,7 @@ from kontext_server.domain.jobs import (
     WebhookDelivery,
 )
 from kontext_server.store.common import file_keys_of
+from kontext_server.store.inputs import decode_input, encode_input
 
 __all__ = [
     "Row",
@@ -61,11 +62,12 @@ def loads_or_none(text: str | bytes | None) -> Any:
 def job_from_row(row: Row) -> Job:
     """A ``jobs`` row (``SELECT *`` or ``RETURNING *``) as a ``Job``."""
     step, total = row["progress_step"], row["progress_total"]
+    edit, api, api_data = decode_input(json.loads(row["input"]))
     return Job(
         id=row["id"],
         seq=row["seq"],
         endpoint=row["endpoint"],
-        input=json.loads(row["input"]),
+        input=edit,
         owner=row["owner"],
         priority=row["priority"],
         status=JobStatus(row["status"]),
@@ -86,6 +88,8 @@ def job_from_row(row: Row) -> Job:
         finished_at=row["finished_at"],
         engine=row["engine"],
         upstream=loads_or_none(row["upstream"]),
+        api=api,
+        api_data=api_data,
     )
 
 
@@ -98,7 +102,7 @@ def job_insert_values(job: NewJob, now: float, to_json: Callable[[Any], Any]) ->
         job.endpoint,
         job.priority,
         job.max_attempts,
-        to_json(job.input),
+        to_json(encode_input(job.input, job.api, job.api_data)),
         job.start_deadline_at,
         job.webhook_url,
         job.base_url,
@@ -133,6 +137,8 @@ def new_job(job: NewJob, seq: int, created_at: float) -> Job:
         base_url=job.base_url,
         created_at=created_at,
         engine=job.engine,
+        api=job.api,
+        api_data=job.api_data,
     )
 
 

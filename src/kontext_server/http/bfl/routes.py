@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, Field, ValidationError
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import Job
 from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.http.bfl import wire as bfl
@@ -133,10 +134,12 @@ async def submit(request: Request, context: Context, x_key: XKey = None) -> JSON
     """Queue an edit; answer ``{id, polling_url}``."""
     principal = authenticate(context, request, x_key)
     body = await _read_request(request, context)
-    endpoint, job_input = stored_input(body, max_data_uri_bytes=context.max_data_uri_bytes)
+    endpoint, edit = stored_input(body, max_data_uri_bytes=context.max_data_uri_bytes)
     outcome = await context.service.submit_async(
         endpoint,
-        job_input,
+        edit,
+        api=bfl.BFL_API,
+        api_data={"webhook_secret": body.webhook_secret},
         owner=principal.owner,
         webhook_url=body.webhook_url,
         base_url=site_base(request),
@@ -208,10 +211,10 @@ async def _read_request(request: Request, context: ApiContext) -> BflKontextRequ
         raise _invalid(found) from None
 
 
-def stored_input(body: BflKontextRequest, *, max_data_uri_bytes: int) -> tuple[str, dict[str, Any]]:
-    """The fal endpoint and the stored job input for a BFL request: the fal input, validated,
-    plus the BFL options (``bfl.BFL_INPUT_KEY``: the webhook secret). Raises
-    ``RequestValidationError`` (422, BFL field names) when something is not allowed."""
+def stored_input(body: BflKontextRequest, *, max_data_uri_bytes: int) -> tuple[str, EditInput]:
+    """The fal endpoint and the edit of a BFL request, judged by the fal endpoint's rules.
+    Raises ``RequestValidationError`` (422, BFL field names) when something is not
+    allowed."""
     images = body.images()
     if not images:
         message = f"input_image is required: it {_IMAGE_RULE} (text-to-image is not served)"
@@ -233,10 +236,10 @@ def stored_input(body: BflKontextRequest, *, max_data_uri_bytes: int) -> tuple[s
     validated, fal_errors = validate_fal_input(
         endpoint, fal_input, max_data_uri_bytes=max_data_uri_bytes
     )
-    if fal_errors:
+    if validated is None:
         names = [name for name, _ in images]
         raise _invalid([_as_bfl_error(error, names) for error in fal_errors])
-    return endpoint, {**validated, bfl.BFL_INPUT_KEY: {"webhook_secret": body.webhook_secret}}
+    return endpoint, validated
 
 
 def _image_sources(images: list[tuple[str, str]]) -> tuple[list[str], list[FieldError]]:

@@ -4,10 +4,9 @@ Shared by ``GET /v1/get_result`` (``http/bfl/routes.py``) and the webhook dispat
 sends a BFL-shaped body for jobs submitted through ``POST /v1/flux-kontext-*``
 (``http/webhooks.py`` picks it for them).
 
-A job submitted through the BFL API carries ``Job.input[BFL_INPUT_KEY] = {"webhook_secret":
-str | None}``. No fal input model has that field, so only the BFL route can set it; it is not
-part of any fal answer (those render ``Job.result``, never ``Job.input``), so the secret does
-not leave the server. The webhook body is (BFL's documented format)::
+A job submitted through the BFL API carries ``Job.api == BFL_API`` and ``Job.api_data ==
+{"webhook_secret": str | None}``. Only the BFL route sets them; no answer renders them, so the
+secret does not leave the server. The webhook body is (BFL's documented format)::
 
     {"id": ..., "status": "Ready", "result": {"sample": <url>, "prompt": ..., "seed": ...},
      "timestamp": "2025-01-15T10:30:00Z"}
@@ -32,7 +31,7 @@ from kontext_server.files.base import FileStore
 from kontext_server.http.fal.results import render_output
 
 __all__ = [
-    "BFL_INPUT_KEY",
+    "BFL_API",
     "BFL_SIGNATURE_HEADER",
     "CONTENT_MODERATED",
     "READY",
@@ -48,7 +47,7 @@ __all__ = [
     "webhook_payload",
 ]
 
-BFL_INPUT_KEY = "bfl_api"
+BFL_API = "bfl"  # Job.api of the jobs submitted through this skin
 BFL_SIGNATURE_HEADER = "X-BFL-Signature"
 PENDING = "Pending"
 READY = "Ready"
@@ -62,7 +61,7 @@ _CONTENT_POLICY_ERROR_TYPE = "content_policy_violation"
 
 def is_bfl_job(job: Job) -> bool:
     """Whether ``job`` was submitted through the BFL API (its webhook speaks BFL)."""
-    return isinstance(job.input.get(BFL_INPUT_KEY), dict)
+    return job.api == BFL_API
 
 
 def bfl_status(job: Job) -> str:
@@ -153,8 +152,7 @@ def sign(secret: str, body: bytes) -> str:
 
 def signature_headers(job: Job, body: bytes) -> dict[str, str]:
     """``X-BFL-Signature`` for a BFL job submitted with a ``webhook_secret``; else none."""
-    options = job.input.get(BFL_INPUT_KEY)
-    secret = options.get("webhook_secret") if isinstance(options, dict) else None
+    secret = (job.api_data or {}).get("webhook_secret") if is_bfl_job(job) else None
     if not isinstance(secret, str) or not secret:
         return {}
     return {BFL_SIGNATURE_HEADER: sign(secret, body)}

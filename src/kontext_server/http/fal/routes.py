@@ -27,6 +27,7 @@ from kontext_server.http.context import (
     caller,
     site_base,
 )
+from kontext_server.http.fal.inputs import stored_input
 from kontext_server.http.fal.results import render_output
 from kontext_server.http.fal.schemas import ENDPOINTS, json_body_schema
 from kontext_server.http.fal.sse import StatusStream
@@ -274,7 +275,7 @@ async def _submit(
     endpoint: str, request: Request, context: ApiContext, owner: str | None
 ) -> SubmitOutcome:
     model = input_model(endpoint)
-    job_input = await read_input(
+    validated = await read_input(
         request,
         model,
         max_body_bytes=context.max_body_bytes,
@@ -283,13 +284,13 @@ async def _submit(
     options = submit_options(request)
     webhook = webhook_url(request)
     if context.url_checker is not None:
-        precheck_urls(job_input, webhook, context.url_checker, is_own_file=own_files_check(request))
+        precheck_urls(validated, webhook, context.url_checker, is_own_file=own_files_check(request))
     # The submits that reach the loop together commit together (group commit), on the loop
     # for SQLite (a thread hop per submit cost a third of the throughput), off it for
     # PostgreSQL (a round trip would stall every other request); see docs/performance.md.
     return await context.service.submit_async(
         endpoint.strip("/"),
-        job_input,
+        stored_input(validated),
         owner=owner,
         priority=options.priority,
         start_timeout_s=options.start_timeout_s,

@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from kontext_server.domain.editing import DEFAULT_GUIDANCE_SCALE
 from kontext_server.domain.errors import InputError
 from kontext_server.net.fetch import check_image_source
 
@@ -260,7 +261,7 @@ class MaxInput(FalInput):
     prompt: Prompt
     image_url: ImageSource
     seed: Seed = None
-    guidance_scale: Guidance = 3.5
+    guidance_scale: Guidance = DEFAULT_GUIDANCE_SCALE
     sync_mode: bool = False
     num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
@@ -279,7 +280,7 @@ class MaxMultiInput(FalInput):
     prompt: Prompt
     image_urls: Annotated[list[ImageSource], Field(min_length=1, max_length=MAX_IMAGE_URLS)]
     seed: Seed = None
-    guidance_scale: Guidance = 3.5
+    guidance_scale: Guidance = DEFAULT_GUIDANCE_SCALE
     sync_mode: bool = False
     num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
@@ -301,7 +302,7 @@ class TextToImageInput(FalInput):
 
     prompt: Description
     seed: Seed = None
-    guidance_scale: Guidance = 3.5
+    guidance_scale: Guidance = DEFAULT_GUIDANCE_SCALE
     sync_mode: bool = False
     num_images: ImageCount = 1
     safety_tolerance: SafetyTolerance = "2"
@@ -324,7 +325,8 @@ class DevInput(FalInput):
 
     ``resolution_mode`` picks the output size; ``acceleration`` sets the worker's step cache
     for this request (docs/models.md#speed-presets); ``enable_safety_checker`` is accepted and
-    stored (content safety follows ``safety_tolerance`` and the server's settings)."""
+    not used (content safety follows the default ``safety_tolerance`` and the server's
+    settings)."""
 
     _body_rule: ClassVar[str] = (
         "the request body must be a JSON object with at least prompt and image_url"

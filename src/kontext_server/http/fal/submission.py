@@ -22,7 +22,6 @@ from kontext_server.domain.errors import ImageFetchError
 from kontext_server.domain.jobs import PRIORITY_LOW, PRIORITY_NORMAL
 from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.http.bodies import BodyTooLargeError, read_capped_body
-from kontext_server.http.fal.inputs import stored_input
 from kontext_server.http.fal.schemas import ENDPOINTS, FalInput
 from kontext_server.net.fetch import SafeFetcher, literal_addresses, parsed_url
 
@@ -66,8 +65,8 @@ def input_model(endpoint: str) -> type[FalInput]:
 
 async def read_input(
     request: Request, model: type[FalInput], *, max_body_bytes: int, max_data_uri_bytes: int
-) -> dict[str, Any]:
-    """The validated input as JSON (what ``Job.input`` stores)."""
+) -> FalInput:
+    """The request's body validated by the endpoint's model (422 with its messages)."""
     data = _parse_json(await _read_body(request, max_body_bytes))
     try:
         validated = model.model_validate(data, context={"max_data_uri_bytes": max_data_uri_bytes})
@@ -76,7 +75,7 @@ async def read_input(
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in errors]
         ) from None
-    return stored_input(validated)
+    return validated
 
 
 async def _read_body(request: Request, max_body_bytes: int) -> bytes:
@@ -209,7 +208,7 @@ def webhook_url(request: Request) -> str | None:
 
 
 def precheck_urls(
-    job_input: dict[str, Any],
+    validated: FalInput,
     webhook: str | None,
     checker: SafeFetcher,
     *,
@@ -222,9 +221,10 @@ def precheck_urls(
     ``own_files_check``) are read by the worker from the file store, never fetched, so they
     pass."""
     targets: list[tuple[tuple[str | int, ...], str, str]] = []
-    if isinstance(job_input.get("image_url"), str):
-        targets.append((("body", "image_url"), job_input["image_url"], "image_url"))
-    for index, url in enumerate(job_input.get("image_urls") or []):
+    image_url = getattr(validated, "image_url", None)
+    if isinstance(image_url, str):
+        targets.append((("body", "image_url"), image_url, "image_url"))
+    for index, url in enumerate(getattr(validated, "image_urls", None) or []):
         targets.append((("body", "image_urls", index), url, f"image_urls[{index}]"))
     if webhook is not None:
         targets.append((("query", "fal_webhook"), webhook, "fal_webhook"))

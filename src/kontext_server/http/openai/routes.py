@@ -35,6 +35,7 @@ from starlette.types import Message
 
 from kontext_server.core.auth import AuthError, Principal
 from kontext_server.core.service import QueueFullError
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.http.bodies import BodyTooLargeError, read_capped_body
 from kontext_server.http.context import ApiContext, Context, authenticate, site_base
@@ -300,10 +301,10 @@ def _output_format(form: FormData) -> str:
 async def _submit(
     context: ApiContext, request: Request, principal: Principal, edit: _EditRequest
 ) -> Job:
-    endpoint, job_input = stored_input(edit, context.max_data_uri_bytes)
+    endpoint, edit_input = stored_input(edit, context.max_data_uri_bytes)
     try:
         outcome = await context.service.submit_async(
-            endpoint, job_input, owner=principal.owner, base_url=site_base(request)
+            endpoint, edit_input, owner=principal.owner, base_url=site_base(request)
         )
     except QueueFullError as exc:
         raise OpenAIError(
@@ -316,9 +317,9 @@ async def _submit(
     return outcome.job
 
 
-def stored_input(edit: _EditRequest, max_data_uri_bytes: int) -> tuple[str, dict[str, Any]]:
-    """The fal endpoint and the stored job input for an edit request (the fal input,
-    validated); raises ``OpenAIError`` (400, OpenAI's names) when something is not allowed."""
+def stored_input(edit: _EditRequest, max_data_uri_bytes: int) -> tuple[str, EditInput]:
+    """The fal endpoint and the edit of an OpenAI edit request, judged by the fal endpoint's
+    rules; raises ``OpenAIError`` (400, OpenAI's names) when something is not allowed."""
     single = len(edit.images) == 1
     endpoint = MAX_ENDPOINT if single else MULTI_ENDPOINT
     fal_input = {
@@ -333,7 +334,7 @@ def stored_input(edit: _EditRequest, max_data_uri_bytes: int) -> tuple[str, dict
     validated, errors = validate_fal_input(
         endpoint, fal_input, max_data_uri_bytes=max_data_uri_bytes
     )
-    if errors:
+    if validated is None:
         raise _as_openai_error(errors[0])
     return endpoint, validated
 
