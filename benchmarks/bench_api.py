@@ -66,7 +66,7 @@ from typing import Any, cast
 from PIL import Image
 
 from kontext_server.config import Settings
-from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.editing import EditInput, EditRequest, EditResult, EncodedImage
 from kontext_server.domain.errors import ConfigError, EditCancelled
 from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.base import FileStore
@@ -839,8 +839,8 @@ class _OverheadRig:
         cast(JobStore, self.store.inner).close()
 
 
-def overhead_job_input(data_uri: str) -> dict[str, Any]:
-    """``Job.input`` as submit stores it: the spec's prompt, validated by the real schema."""
+def overhead_job_input(data_uri: str) -> EditInput:
+    """``Job.input`` as submit makes it: the spec's prompt, validated by the real schema."""
     from kontext_server.http.fal.inputs import stored_input
     from kontext_server.http.fal.schemas import ENDPOINTS
 

@@ -32,6 +32,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.store.base import JobStore
 
@@ -72,7 +73,11 @@ def _worker(kind: str, url: str, name: str, go: Event, results: Any) -> None:
 def _queue_jobs(store: JobStore, jobs: int) -> None:
     for _ in range(jobs):
         store.submit(
-            NewJob(id=str(uuid.uuid4()), endpoint="fal-ai/flux-pro/kontext", input={"p": "x"})
+            NewJob(
+                id=str(uuid.uuid4()),
+                endpoint="fal-ai/flux-pro/kontext",
+                input=EditInput(prompt="x"),
+            )
         )
 
 

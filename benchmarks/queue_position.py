@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import NewJob
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
@@ -46,14 +47,10 @@ TARGET_QUEUE_POSITION_MS = 1.0
 FILL_BATCH = 1000  # jobs per submit_many transaction while filling (1M single commits with
 # fsync on would take most of an hour)
 LEASE_S = 300.0
-SAMPLE_INPUT = {
-    "prompt": "Put a donut next to the flour.",
-    "image_url": "https://v3.fal.media/files/rabbit/rmgBxhwGYb2d3pl3x9sKf_output.png",
-    "guidance_scale": 3.5,
-    "num_images": 1,
-    "output_format": "jpeg",
-    "safety_tolerance": "2",
-}
+SAMPLE_INPUT = EditInput(
+    prompt="Put a donut next to the flour.",
+    references=("https://v3.fal.media/files/rabbit/rmgBxhwGYb2d3pl3x9sKf_output.png",),
+)
 
 
 def latency_ms(call: Callable[[], object], samples: int) -> dict[str, float]:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from contract.pg_cluster import PgCluster
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import NewJob
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
@@ -149,7 +150,7 @@ def new_job(**fields: Any) -> NewJob:
     defaults: dict[str, Any] = {
         "id": str(uuid.uuid4()),
         "endpoint": "fal-ai/flux-pro/kontext/max",
-        "input": {"prompt": "make it blue", "image_url": "https://example.com/cat.png"},
+        "input": EditInput(prompt="make it blue", references=("https://example.com/cat.png",)),
     }
     return NewJob(**(defaults | fields))
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import (
     PRIORITY_LOW,
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
 
 MakeJob = Callable[..., NewJob]
 LEASE_S = 30.0
+
+UNICODE_EDIT = EditInput(
+    prompt='ünïcode ✓ "quoted"',
+    references=("https://example.com/ü.png", "data:image/png;base64,AAAA"),
+    seed=2**53 + 1,
+    guidance_scale=2.5,
+)
 
 
 def submit(store: JobStore, job: NewJob) -> Job:
@@ -65,7 +73,7 @@ def test_submit_stores_a_queued_job_with_its_fields(
         start_deadline_at=clock.now + 60,
         webhook_url="https://hooks.example.com/x",
         base_url="http://127.0.0.1:8000",
-        input={"prompt": "ünïcode ✓", "nested": {"n": [1, 2.5, None, True]}},
+        input=UNICODE_EDIT,
     )
     created = submit(store, job)
     assert created == current(store, job.id)

@@ -23,6 +23,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import CancelOutcome, JobStatus, NewJob, Progress
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def build_machine(backend: Backend, clock_type: type[FakeClock]) -> type[RuleBas
             job = NewJob(
                 id=f"job-{len(self.model):04d}",  # deterministic: Hypothesis replays examples
                 endpoint="fal-ai/flux-pro/kontext/max",
-                input={"prompt": "x"},
+                input=EditInput(prompt="x"),
                 priority=priority,
                 max_attempts=max_attempts,
             )

@@ -11,12 +11,20 @@ from collections.abc import Callable
 
 import pytest
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import PRIORITY_LOW, JobStatus, NewJob, Submitted
 from kontext_server.store.base import JobStore
 
 MakeJob = Callable[..., NewJob]
 LEASE_S = 30.0
+
+UNICODE_EDIT = EditInput(
+    prompt='ünïcode ✓ "quoted"',
+    references=("https://example.com/ü.png", "data:image/png;base64,AAAA"),
+    seed=2**53 + 1,
+    guidance_scale=2.5,
+)
 
 
 def ids(answers: list[Submitted]) -> list[str]:
@@ -55,7 +63,7 @@ def test_each_answered_job_is_the_stored_row(store: JobStore, make_job: MakeJob)
     jobs = [
         make_job(owner="key-1", webhook_url="https://hooks.example.com/x", max_attempts=5),
         make_job(priority=PRIORITY_LOW, start_deadline_at=1_700_000_060.0, engine="bfl"),
-        make_job(input={"prompt": "ünïcode ✓", "nested": {"n": [1, 2.5, None, True]}}),
+        make_job(input=UNICODE_EDIT),
     ]
 
     answers = store.submit_many(jobs)

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from contract.pg_cluster import PgCluster
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.store import open_store
@@ -24,7 +25,9 @@ from kontext_server.store.postgres_schema import SCHEMA_VERSION
 
 
 def new_job() -> NewJob:
-    return NewJob(id=str(uuid.uuid4()), endpoint="fal-ai/flux-pro/kontext", input={"p": "x"})
+    return NewJob(
+        id=str(uuid.uuid4()), endpoint="fal-ai/flux-pro/kontext", input=EditInput(prompt="x")
+    )
 
 
 @pytest.fixture
@@ -144,7 +147,12 @@ def test_open_store_accepts_both_postgres_schemes(database_url: str) -> None:
 
 def test_json_payloads_round_trip(store: PostgresJobStore) -> None:
     """jsonb keeps values (not key order): unicode, nesting, floats, big ints, nulls."""
-    payload = {"prompt": 'ünïcode ✓ "quoted"', "n": [1, 2.5, None, True, 2**53 + 1], "e": {}}
+    payload = EditInput(
+        prompt='ünïcode ✓ "quoted"',
+        references=("https://example.com/ü.png", "data:image/png;base64,AAAA"),
+        seed=2**53 + 1,
+        guidance_scale=2.5,
+    )
     job, _ = store.submit(
         NewJob(id=str(uuid.uuid4()), endpoint="fal-ai/flux-pro/kontext", input=payload)
     )

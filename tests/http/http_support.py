@@ -68,7 +68,7 @@ class PlayedWorker:
             "timings": {"inference": 1.25},
             "seed": 42,
             "has_nsfw_concepts": [False],
-            "prompt": job.input["prompt"],
+            "prompt": job.input.prompt,
             "random_weights": True,
         }
         self._finish(JobStatus.SUCCEEDED, result=result)

@@ -23,7 +23,7 @@ from kontext_server.core.auth import create_api_key
 from kontext_server.domain.jobs import JobStatus
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
-from kontext_server.http.bfl.wire import BFL_INPUT_KEY
+from kontext_server.http.bfl.wire import BFL_API
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.signing import WebhookSigner
 
@@ -51,10 +51,10 @@ def test_one_input_image_queues_a_max_job_with_bfl_defaults(
     assert answer["polling_url"] == f"http://testserver/v1/get_result?id={answer['id']}"
     job = store.get(answer["id"])
     assert job is not None and job.endpoint == MAX
-    assert job.input["image_url"] == IMAGE_URL
-    assert job.input["output_format"] == "png"  # BFL's default, not fal's jpeg
-    assert job.input["safety_tolerance"] == "2"
-    assert job.input["enhance_prompt"] is False
+    assert job.input.references == (IMAGE_URL,)
+    assert job.input.output_format == "png"  # BFL's default, not fal's jpeg
+    assert job.input.safety_tolerance == 2
+    assert job.input.enhance_prompt is False
 
 
 def test_several_input_images_queue_a_multi_job_and_base64_becomes_a_data_uri(
@@ -74,12 +74,12 @@ def test_several_input_images_queue_a_multi_job_and_base64_becomes_a_data_uri(
 
     job = store.get(answer["id"])
     assert job is not None and job.endpoint == MULTI
-    first, second = job.input["image_urls"]
+    first, second = job.input.references
     assert first.startswith("data:image/png;base64,") and second == IMAGE_URL
-    assert (job.input["seed"], job.input["aspect_ratio"]) == (7, "16:9")
-    assert job.input["enhance_prompt"] is True
-    assert job.input["safety_tolerance"] == "1"  # BFL's 0 is the strictest level, fal's "1"
-    assert job.input["output_format"] == "jpeg"
+    assert (job.input.seed, job.input.aspect_ratio) == (7, "16:9")
+    assert job.input.enhance_prompt is True
+    assert job.input.safety_tolerance == 1  # BFL's 0 is the strictest level, fal's 1
+    assert job.input.output_format == "jpeg"
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,10 @@ def test_bfl_webhook_of_a_failure_is_an_error_body(
 
     payload = webhooks.payload(job)
 
-    assert job.status is JobStatus.FAILED and job.input[BFL_INPUT_KEY] == {"webhook_secret": None}
+    assert job.status is JobStatus.FAILED and (job.api, job.api_data) == (
+        BFL_API,
+        {"webhook_secret": None},
+    )
     assert (payload["status"], payload["error"], payload["message"]) == (
         "Error",
         "internal_error",
@@ -286,10 +289,12 @@ def test_fal_jobs_keep_fals_webhook_body(
         json={
             "prompt": "p",
             "image_url": tiny_png_data_uri(),
-            BFL_INPUT_KEY: {"webhook_secret": "x"},
+            "bfl_api": {"webhook_secret": "x"},  # where older versions kept it
+            "api": BFL_API,
+            "api_data": {"webhook_secret": "x"},
         },
     )
     job = app.state.context.service.get(response.json()["request_id"])
 
-    assert BFL_INPUT_KEY not in job.input  # a fal caller cannot pose as a BFL job
+    assert (job.api, job.api_data) == (None, None)  # a fal caller cannot pose as a BFL job
     assert "request_id" in app.state.services.webhooks.payload(job)

@@ -10,6 +10,7 @@ import pytest
 from http_support import IMAGE_URL, PlayedWorker, submit
 from starlette.testclient import TestClient
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.http.fal.schemas import ENDPOINTS, RESOLUTION_MODES
 from kontext_server.store.sqlite import SQLiteJobStore
 
@@ -96,7 +97,7 @@ def test_pro_endpoints_store_the_same_input_as_max(
     assert pro is not None and max_ is not None
     assert pro.endpoint == PRO
     assert pro.input == max_.input
-    assert pro.input["safety_tolerance"] == "5"
+    assert pro.input.safety_tolerance == 5
 
 
 def test_pro_multi_aspect_ratio_is_the_enum_of_nine(client: TestClient) -> None:
@@ -128,17 +129,18 @@ def test_text_to_image_stores_the_defaults_and_needs_no_image(
     job = store.get(submit(client, body={"prompt": "A donut."}, path=endpoint)["request_id"])
 
     assert job is not None
-    assert job.input == {
-        "prompt": "A donut.",
-        "seed": None,
-        "guidance_scale": 3.5,
-        "sync_mode": False,
-        "num_images": 1,
-        "safety_tolerance": "2",
-        "output_format": "jpeg",
-        "aspect_ratio": "1:1",
-        "enhance_prompt": False,
-    }
+    assert job.input == EditInput(
+        prompt="A donut.",
+        references=(),
+        seed=None,
+        guidance_scale=3.5,
+        inline_output=False,
+        num_images=1,
+        safety_tolerance=2,
+        output_format="jpeg",
+        aspect_ratio="1:1",
+        enhance_prompt=False,
+    )
 
 
 def test_text_to_image_null_aspect_ratio_means_its_default(
@@ -148,7 +150,7 @@ def test_text_to_image_null_aspect_ratio_means_its_default(
 
     job = store.get(submit(client, body=body, path=MAX_T2I)["request_id"])
 
-    assert job is not None and job.input["aspect_ratio"] == "1:1"
+    assert job is not None and job.input.aspect_ratio == "1:1"
 
 
 def test_text_to_image_ignores_an_image_url(client: TestClient, store: SQLiteJobStore) -> None:
@@ -156,7 +158,7 @@ def test_text_to_image_ignores_an_image_url(client: TestClient, store: SQLiteJob
 
     job = store.get(submit(client, body=body, path=MAX_T2I)["request_id"])
 
-    assert job is not None and "image_url" not in job.input
+    assert job is not None and job.input.references == ()
 
 
 @pytest.mark.parametrize(
@@ -222,20 +224,20 @@ def test_dev_stores_its_defaults(client: TestClient, store: SQLiteJobStore) -> N
 
     assert job is not None
     assert job.endpoint == DEV
-    assert job.input == {
-        "prompt": "Make it snow.",
-        "image_url": IMAGE_URL,
-        "num_inference_steps": 28,
-        "seed": None,
-        "guidance_scale": 2.5,
-        "sync_mode": False,
-        "num_images": 1,
-        "enable_safety_checker": True,
-        "output_format": "jpeg",
-        "enhance_prompt": False,
-        "resolution_mode": "match_input",
-        "acceleration": "none",
-    }
+    assert job.input == EditInput(  # resolution_mode "match_input": the input's own size
+        prompt="Make it snow.",
+        references=(IMAGE_URL,),
+        num_inference_steps=28,
+        seed=None,
+        guidance_scale=2.5,
+        inline_output=False,
+        num_images=1,
+        output_format="jpeg",
+        enhance_prompt=False,
+        aspect_ratio=None,
+        match_input_size=True,
+        acceleration="none",
+    )
 
 
 @pytest.mark.parametrize("mode", RESOLUTION_MODES)
@@ -254,10 +256,10 @@ def test_dev_accepts_every_acceleration(
     answer = submit(client, body={**body, "acceleration": acceleration}, path=DEV)
 
     job = store.get(answer["request_id"])
-    assert job is not None and job.input["acceleration"] == acceleration
+    assert job is not None and job.input.acceleration == acceleration
 
 
-def test_dev_keeps_the_steps_and_safety_checker_it_was_given(
+def test_dev_keeps_the_steps_and_guidance_it_was_given(
     client: TestClient, store: SQLiteJobStore
 ) -> None:
     body, _ = MINIMAL[DEV]
@@ -266,9 +268,8 @@ def test_dev_keeps_the_steps_and_safety_checker_it_was_given(
     job = store.get(submit(client, body={**body, **fields}, path=DEV)["request_id"])
 
     assert job is not None
-    assert job.input["num_inference_steps"] == 50
-    assert job.input["enable_safety_checker"] is False
-    assert job.input["guidance_scale"] == 7
+    assert job.input.num_inference_steps == 50
+    assert job.input.guidance_scale == 7
 
 
 @pytest.mark.parametrize(

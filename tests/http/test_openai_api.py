@@ -55,8 +55,8 @@ class BackgroundWorker:
                 self._worker.fail(*self.fail_with)
             else:
                 self._worker.succeed(
-                    output_format=job.input["output_format"],
-                    sync_mode=job.input["sync_mode"],
+                    output_format=job.input.output_format,
+                    sync_mode=job.input.inline_output,
                 )
 
 
@@ -83,8 +83,9 @@ def test_one_image_edit_answers_b64_json_by_default(
     image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
     assert image.format == "PNG"
     job = background_worker.jobs[0]
-    assert job.endpoint == MAX and job.input["image_url"].startswith("data:image/png;base64,")
-    assert (job.input["num_images"], job.input["aspect_ratio"]) == (1, None)
+    assert job.endpoint == MAX and len(job.input.references) == 1
+    assert job.input.references[0].startswith("data:image/png;base64,")
+    assert (job.input.num_images, job.input.aspect_ratio) == (1, None)
 
 
 def test_repeated_image_brackets_make_a_multi_job_with_url_answers(
@@ -107,9 +108,9 @@ def test_repeated_image_brackets_make_a_multi_job_with_url_answers(
     assert url.startswith("http://testserver/files/")
     assert client.get(url).headers["content-type"] == "image/jpeg"
     job = background_worker.jobs[0]
-    assert job.endpoint == MULTI and len(job.input["image_urls"]) == 2
-    assert (job.input["aspect_ratio"], job.input["num_images"]) == ("3:2", 2)
-    assert job.input["sync_mode"] is False
+    assert job.endpoint == MULTI and len(job.input.references) == 2
+    assert (job.input.aspect_ratio, job.input.num_images) == ("3:2", 2)
+    assert job.input.inline_output is False
 
 
 @pytest.mark.parametrize(

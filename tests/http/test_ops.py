@@ -9,7 +9,7 @@ from http_support import MAX, AppFactory, submit
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from kontext_server.domain.editing import EditResult
+from kontext_server.domain.editing import EditInput, EditResult
 from kontext_server.domain.errors import StoreUnavailableError
 from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.metrics import JobMetrics
@@ -62,7 +62,7 @@ def test_metrics_show_what_workers_recorded(client: TestClient) -> None:
         id="j",
         seq=1,
         endpoint="fal-ai/test/metrics",
-        input={},
+        input=EditInput(prompt="p"),
         owner=None,
         priority=0,
         status=JobStatus.RUNNING,

@@ -10,6 +10,7 @@ from http_support import LOOPBACK, MAX, MULTI, edit_body, submit
 from starlette.testclient import TestClient
 
 from kontext_server.core.service import MaintenanceLoop
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import PRIORITY_LOW, PRIORITY_NORMAL, JobStatus
 from kontext_server.store.sqlite import SQLiteJobStore
 
@@ -169,16 +170,16 @@ def test_submit_stores_the_validated_input_with_its_defaults(
     assert job is not None
     assert job.status is JobStatus.QUEUED
     assert job.endpoint == MAX
-    assert job.input == {
-        "prompt": "Put a donut next to the flour.",
-        "image_url": "https://example.com/cat.png",
-        "seed": None,
-        "guidance_scale": 3.5,
-        "sync_mode": False,
-        "num_images": 1,
-        "safety_tolerance": "5",
-        "output_format": "jpeg",
-        "aspect_ratio": None,
-        "enhance_prompt": False,
-    }
+    assert job.input == EditInput(
+        prompt="Put a donut next to the flour.",
+        references=("https://example.com/cat.png",),
+        seed=None,
+        guidance_scale=3.5,
+        inline_output=False,
+        num_images=1,
+        safety_tolerance=5,
+        output_format="jpeg",
+        aspect_ratio=None,
+        enhance_prompt=False,
+    )
     assert job.base_url == "http://testserver"

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.editing import EditInput, EditRequest, EditResult, EncodedImage
 from kontext_server.domain.errors import ImageDecodeError, ImageFetchError
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
@@ -313,7 +313,9 @@ def test_the_worker_fails_each_hostile_image_clearly_and_keeps_serving(tmp_path:
     try:
         for name, (source, _) in HOSTILE_SOURCES.items():
             store.submit(
-                NewJob(id=name, endpoint=endpoint, input={"prompt": "p", "image_url": source})
+                NewJob(
+                    id=name, endpoint=endpoint, input=EditInput(prompt="p", references=(source,))
+                )
             )
         good = {"prompt": "p", "image_url": _data_uri(_saved("PNG", (16, 16)))}
         store.submit(NewJob(id="good", endpoint=endpoint, input=good))

@@ -77,7 +77,7 @@ def test_json_within_the_limits_is_read(make_app: AppFactory, store: SQLiteJobSt
         response = client.post(f"/{MAX}", content=body)
     assert response.status_code == 200, response.text
     job = store.get(response.json()["request_id"])
-    assert job is not None and job.input["seed"] == 7
+    assert job is not None and job.input.seed == 7
 
 
 @pytest.mark.parametrize(

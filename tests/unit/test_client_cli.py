@@ -78,7 +78,7 @@ class Server:
         }  # fmt: skip
         result = {
             "images": [image], "timings": {"inference": 0.5}, "seed": 9,
-            "has_nsfw_concepts": [False], "prompt": job.input["prompt"], "random_weights": True,
+            "has_nsfw_concepts": [False], "prompt": job.input.prompt, "random_weights": True,
         }  # fmt: skip
         assert self.store.finish(job.id, WORKER, job.attempts, JobStatus.SUCCEEDED, result=result)
         return job
@@ -109,8 +109,8 @@ def test_submit_uploads_a_local_file_and_prints_the_request_id(
 
     job = server.store.get(request_id)
     assert job is not None
-    assert job.input["seed"] == 3
-    image_url = job.input["image_url"]
+    assert job.input.seed == 3
+    (image_url,) = job.input.references
     assert image_url.startswith(f"{server.url}/files/uploads/")
     assert image_url.endswith("/cat.png")
     assert server.files.read(image_url.split("/files/", 1)[1]) == png()
@@ -127,8 +127,8 @@ def test_submit_passes_urls_through_and_prints_json_with_json(server: Server) ->
     assert answer["status"] == "IN_QUEUE"
     job = server.store.get(answer["request_id"])
     assert job is not None
-    assert job.input["image_url"] == "https://example.com/a.png"
-    assert job.input["aspect_ratio"] == "16:9"
+    assert job.input.references == ("https://example.com/a.png",)
+    assert job.input.aspect_ratio == "16:9"
 
 
 def test_a_refused_input_exits_1_with_the_servers_message(server: Server) -> None:

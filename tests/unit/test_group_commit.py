@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 import pytest
 
 from kontext_server.core.group_commit import GroupCommit
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import NewJob, Submitted
 from kontext_server.metrics import SUBMIT_BATCH_SIZE
@@ -36,7 +37,7 @@ def new_job(job_id: str | None = None) -> NewJob:
     return NewJob(
         id=job_id or str(uuid.uuid4()),
         endpoint="fal-ai/flux-pro/kontext/max",
-        input={"prompt": "make it blue", "image_url": "https://example.com/cat.png"},
+        input=EditInput(prompt="make it blue", references=("https://example.com/cat.png",)),
     )
 
 

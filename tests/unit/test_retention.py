@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from kontext_server.config import Settings
 from kontext_server.core.retention import CleanupLoop
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import JobStatus, NewJob, PurgedJob
 from kontext_server.files import open_file_store
 from kontext_server.files.base import FileStore, StoredFile
@@ -161,7 +162,7 @@ def finish_with_file(
 ) -> str:
     """Submit, claim and succeed ``job_id`` with one stored output; returns its file key."""
     store.submit(
-        NewJob(id=job_id, endpoint=ENDPOINT, input={"prompt": "p"}, retention_s=retention_s)
+        NewJob(id=job_id, endpoint=ENDPOINT, input=EditInput(prompt="p"), retention_s=retention_s)
     )
     job = store.claim("w1", lease_s=60)
     assert job is not None and job.id == job_id

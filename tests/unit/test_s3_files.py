@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from kontext_server.config import Settings
-from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.editing import EditInput, EditRequest, EditResult, EncodedImage
 from kontext_server.domain.errors import ConfigError
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files import open_file_store
@@ -265,7 +265,7 @@ def submit_edit(store: SQLiteJobStore) -> str:
         NewJob(
             id="job-s3",
             endpoint="fal-ai/flux-pro/kontext/max",
-            input={"prompt": "blue", "image_url": source, "num_images": 1, "output_format": "png"},
+            input=EditInput(prompt="blue", references=(source,), output_format="png"),
         )
     )
     return "job-s3"

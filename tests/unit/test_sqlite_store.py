@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import NewJob
 from kontext_server.store import open_store
@@ -17,7 +18,9 @@ from kontext_server.store.sqlite_schema import SCHEMA_VERSION
 
 
 def new_job() -> NewJob:
-    return NewJob(id=str(uuid.uuid4()), endpoint="fal-ai/flux-pro/kontext/max", input={})
+    return NewJob(
+        id=str(uuid.uuid4()), endpoint="fal-ai/flux-pro/kontext/max", input=EditInput(prompt="p")
+    )
 
 
 def test_database_is_in_wal_mode_with_the_current_schema(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import Job, JobStatus, NewJob
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
@@ -148,7 +149,7 @@ def finished_job(store: SQLiteJobStore, webhook_url: str, owner: str | None = "k
     new = NewJob(
         id=str(uuid.uuid4()),
         endpoint="fal-ai/flux-pro/kontext/max",
-        input={"prompt": "make it blue", "image_url": "https://example.com/a.png"},
+        input=EditInput(prompt="make it blue", references=("https://example.com/a.png",)),
         owner=owner,
         webhook_url=webhook_url,
     )

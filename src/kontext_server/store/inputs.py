@@ -8,13 +8,16 @@ edit, and neither is ever rendered to a client.
 Rows written before (no ``"v"``) hold the fal endpoint input as validated then: ``image_url``
 or ``image_urls``, ``sync_mode``, ``safety_tolerance`` as a string, fal [dev]'s
 ``resolution_mode``, and BFL jobs' ``"bfl_api"`` options. ``decode_input`` maps them the way the
-worker read them (the same defaults); ``upgrade_record`` rewrites one for the schema
-migration that converts old rows (``MIGRATE_INPUTS_VERSION``).
+worker read them (the same defaults); ``InputsUpgrade`` is the schema migration (v4 on both
+stores) that rewrites old rows, and reading them stays possible: an API process of the
+previous version may still be submitting while a new one migrates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kontext_server.domain.editing import (
@@ -27,7 +30,17 @@ from kontext_server.domain.editing import (
     RequestAcceleration,
 )
 
-__all__ = ["LEGACY_BFL_KEY", "decode_input", "encode_input", "upgrade_record"]
+__all__ = [
+    "LEGACY_BFL_KEY",
+    "InputsUpgrade",
+    "Migration",
+    "decode_input",
+    "encode_input",
+    "upgrade_record",
+]
+
+# One step of a schema migration: a statement, or a function of the migration's ``execute``.
+Migration = str | Callable[[Callable[..., Any]], None]
 
 # Where rows written before the typed input kept a BFL job's options (the skin's name since).
 LEGACY_BFL_KEY = "bfl_api"
@@ -57,6 +70,25 @@ def upgrade_record(data: Mapping[str, Any]) -> dict[str, Any] | None:
     if EditInput.is_record(data):
         return None
     return encode_input(*decode_input(data))
+
+
+@dataclass(frozen=True, slots=True)
+class InputsUpgrade:
+    """A migration step: rewrites every old row's ``input`` (``upgrade_record``), a batch at
+    a time, inside the migration's transaction. ``select_old`` returns up to one batch of
+    ``(id, input)`` rows still old (the input as JSON text); ``update`` takes ``(input,
+    id)``."""
+
+    select_old: str
+    update: str
+
+    def __call__(self, execute: Callable[..., Any]) -> None:
+        while rows := execute(self.select_old).fetchall():
+            for row in rows:
+                data = row["input"]
+                new = upgrade_record(json.loads(data) if isinstance(data, str | bytes) else data)
+                assert new is not None, "the select returns old rows only"
+                execute(self.update, (json.dumps(new, separators=(",", ":")), row["id"]))
 
 
 def _legacy_edit(data: Mapping[str, Any]) -> EditInput:

@@ -18,6 +18,8 @@ To change the schema, append a migration here and in ``sqlite_schema.py``.
 
 from __future__ import annotations
 
+from kontext_server.store.inputs import InputsUpgrade, Migration
+
 __all__ = ["MIGRATIONS", "MIGRATION_LOCK_ID", "NOTIFY_CHANNEL", "SCHEMA_VERSION"]
 
 MIGRATION_LOCK_ID = 0x6B6F6E74  # "kont": any constant shared by every kontext-server process
@@ -127,7 +129,20 @@ _V3: tuple[str, ...] = (
     "CREATE INDEX jobs_queue ON jobs (engine, priority, seq) WHERE status = 'queued'",
 )
 
-# (version, statements), in order. The version of the last entry is the current schema.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3))
+# v4: the typed edit input (store/inputs.py): old rows' fal-shaped input rewritten.
+_V4: tuple[Migration, ...] = (
+    InputsUpgrade(
+        select_old="SELECT id, input::text AS input FROM jobs WHERE input -> 'v' IS NULL LIMIT 500",
+        update="UPDATE jobs SET input = %s::jsonb WHERE id = %s",
+    ),
+)
+
+# (version, steps), in order. The version of the last entry is the current schema.
+MIGRATIONS: tuple[tuple[int, tuple[Migration, ...]], ...] = (
+    (1, _V1),
+    (2, _V2),
+    (3, _V3),
+    (4, _V4),
+)
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

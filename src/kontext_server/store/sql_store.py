@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import ApiKey, Job, JobEvent, JobStatus, Submitted
 from kontext_server.store.common import KeysPresence, check_retention_s
+from kontext_server.store.inputs import Migration
 from kontext_server.store.queue_ranks import QueueRanks
 from kontext_server.store.rows import Row, api_key_from_row, event_from_row, job_from_row
 from kontext_server.store.statements import Statements
@@ -67,7 +68,7 @@ class SqlJobStore(ABC):
         execute: Callable[..., Any],
         store: str,
         known: int,
-        migrations: Sequence[tuple[int, Sequence[str]]],
+        migrations: Sequence[tuple[int, Sequence[Migration]]],
     ) -> None:
         """Inside the caller's migration transaction (``execute``: its connection's), after
         ``schema_version`` exists: the migrations newer than the stored version, each
@@ -81,8 +82,11 @@ class SqlJobStore(ABC):
             )
         for number, statements in migrations:
             if number > version:
-                for statement in statements:
-                    execute(statement)
+                for step in statements:
+                    if isinstance(step, str):
+                        execute(step)
+                    else:
+                        step(execute)
                 execute(self._sql.insert_schema_version, (number, self._clock()))
 
     def _note_submitted(self, done: Sequence[Submitted]) -> None:

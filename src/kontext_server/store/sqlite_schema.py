@@ -22,6 +22,8 @@ Notes on choices:
 
 from __future__ import annotations
 
+from kontext_server.store.inputs import InputsUpgrade, Migration
+
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
 _V1: tuple[str, ...] = (
@@ -223,7 +225,20 @@ _V3: tuple[str, ...] = (
     "CREATE INDEX jobs_queue ON jobs (engine, priority, seq) WHERE status = 'queued'",
 )
 
-# (version, statements), in order. The version of the last entry is the current schema.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3))
+# v4: the typed edit input (store/inputs.py): old rows' fal-shaped input rewritten.
+_V4: tuple[Migration, ...] = (
+    InputsUpgrade(
+        select_old="SELECT id, input FROM jobs WHERE json_extract(input, '$.v') IS NULL LIMIT 500",
+        update="UPDATE jobs SET input = ? WHERE id = ?",
+    ),
+)
+
+# (version, steps), in order. The version of the last entry is the current schema.
+MIGRATIONS: tuple[tuple[int, tuple[Migration, ...]], ...] = (
+    (1, _V1),
+    (2, _V2),
+    (3, _V3),
+    (4, _V4),
+)
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
