@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
-
-from conftest import Backend, new_job
 from kontext_server.domain.editing import EDIT_INPUT_VERSION, EditInput
-from kontext_server.domain.jobs import Job
+from kontext_server.domain.jobs import NewJob
 from kontext_server.store.base import JobStore
+
+if TYPE_CHECKING:
+    from tests.contract.conftest import Backend
 
 OLD_BFL_INPUT = {
     "prompt": "add a hat",
@@ -75,10 +75,10 @@ def test_an_old_row_is_read_as_before_and_rewritten_when_the_store_opens(
     backend: Backend,
     store_url: str,
     open_store: Callable[[], JobStore],
-    submit: Callable[[JobStore, Any], Job],
+    make_job: Callable[..., NewJob],
 ) -> None:
     store = open_store()
-    old, new = submit(store, new_job()), submit(store, new_job())
+    old, new = (store.submit_many([make_job()])[0].job for _ in range(2))
     _make_old(backend, store_url, old.id)
 
     read = store.get(old.id)  # a process that opened the store before: still readable
@@ -94,11 +94,3 @@ def test_an_old_row_is_read_as_before_and_rewritten_when_the_store_opens(
     assert (again.api, again.api_data) == ("bfl", {"webhook_secret": "shh"})
     versions = _raw(backend, store_url, "SELECT version FROM schema_version ORDER BY version")
     assert [version for (version,) in versions][-1] == 4
-
-
-@pytest.fixture
-def submit() -> Callable[[JobStore, Any], Job]:
-    def submit_one(store: JobStore, job: Any) -> Job:
-        return store.submit_many([job])[0].job
-
-    return submit_one
