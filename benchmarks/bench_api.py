@@ -74,6 +74,8 @@ from kontext_server.files.local import LocalFileStore
 from kontext_server.logs import configure_logging
 from kontext_server.store import POSTGRES_SCHEMES, open_configured_store, open_store
 from kontext_server.store.base import JobStore
+from kontext_server.worker.local_engine import LocalEngine
+from kontext_server.worker.loop import WorkerLoop
 from kontext_server.worker.main import make_fetcher, runner_limits
 from kontext_server.worker.runner import JobRunner
 
@@ -786,9 +788,9 @@ class _Timed:
         return timed
 
 
-class _InputTimedRunner(JobRunner):
-    """``JobRunner`` that also adds up the time spent loading input images (data URI and
-    Pillow decode, on the runner's I/O thread). It hooks ``_load_image``, a private method:
+class _InputTimedEngine(LocalEngine):
+    """``LocalEngine`` that also adds up the time spent loading input images (data URI and
+    Pillow decode, on the engine's I/O thread). It hooks ``_load_image``, a private method:
     should that be renamed, the breakdown loses this line, never the overhead figure."""
 
     input_load_s = 0.0
@@ -808,7 +810,7 @@ class _OverheadRig:
     store: _Timed
     files: _Timed
     engine: InstantEngine
-    runner: _InputTimedRunner
+    runner: WorkerLoop[_InputTimedEngine]
 
     @classmethod
     def build(cls, folder: Path, store_url: str, options: BenchOptions) -> _OverheadRig:
@@ -817,14 +819,14 @@ class _OverheadRig:
         engine = InstantEngine(encoded_jpeg(options.image_side_px), steps=options.engine_steps)
         # A real step takes longer than the progress throttle, so every step writes.
         limits = dataclasses.replace(runner_limits(Settings()), progress_interval_s=0.0)
-        runner = _InputTimedRunner(
+        local = _InputTimedEngine(
             cast(JobStore, store),
             cast(FileStore, files),
             engine,
             make_fetcher(Settings()),
-            worker_id="bench-overhead",
             limits=limits,
         )
+        runner = WorkerLoop(cast(JobStore, store), local, worker_id="bench-overhead")
         return cls(store, files, engine, runner)
 
     def reset(self) -> None:
@@ -832,7 +834,7 @@ class _OverheadRig:
         self.files.spent_s.clear()
         self.engine.engine_s.clear()
         self.engine.callbacks_s.clear()
-        self.runner.input_load_s = 0.0
+        self.runner.engine.input_load_s = 0.0
 
     def close(self) -> None:
         self.runner.close()
@@ -877,7 +879,7 @@ def _measure_job_overhead(options: BenchOptions, folder: Path, store_url: str) -
         rig.close()
 
 
-def _timed_run_next(runner: JobRunner) -> float:
+def _timed_run_next(runner: WorkerLoop[Any]) -> float:
     started = time.perf_counter()
     if not runner.run_next():
         raise RuntimeError("the overhead jobs ran out")
@@ -917,7 +919,7 @@ def _breakdown_ms(rig: _OverheadRig, jobs: int, mean_overhead_ms: float) -> dict
     rest (threads, JSON, the runner's own Python)."""
     spent_s = {f"store.{name}": s for name, s in rig.store.spent_s.items()}
     spent_s |= {f"files.{name}": s for name, s in rig.files.spent_s.items()}
-    spent_s["input_load (data URI + Pillow decode)"] = rig.runner.input_load_s
+    spent_s["input_load (data URI + Pillow decode)"] = rig.runner.engine.input_load_s
     per_job_ms = {name: s * 1e3 / jobs for name, s in spent_s.items()}
     ordered = sorted(per_job_ms.items(), key=lambda item: -item[1])
     rest_ms = max(0.0, mean_overhead_ms - sum(per_job_ms.values()))

@@ -277,13 +277,13 @@ def test_a_job_another_worker_took_does_not_leak_into_the_next(
     taken = store.claim("w2", 30.0)  # another worker takes b
     assert taken is not None and taken.id == "b"
     held: list[list[str]] = []
-    engine.during[1] = lambda: held.append(runner._prefetch.job_ids())
+    engine.during[1] = lambda: held.append(runner.engine._prefetch.job_ids())
     assert runner.run_next()  # c
     assert not engine.failures
     assert engine.requests[1].images[0].getpixel((0, 0)) == COLORS["/c.png"]
     assert "b" not in held[0]
     assert server.counts == {"/a.png": 1, "/b.png": 1, "/c.png": 1}
-    assert runner._prefetch.job_ids() == []
+    assert runner.engine._prefetch.job_ids() == []
     assert output_bytes(files, finished(store, "c")) != b""
 
 
@@ -296,10 +296,10 @@ def test_a_canceled_jobs_prefetch_is_dropped(
     engine.during[0] = lambda: server.wait_for("/b.png")
     runner = make_runner(runners, store, files, engine)
     assert runner.run_next()
-    assert runner._prefetch.job_ids() == ["b"]
+    assert runner.engine._prefetch.job_ids() == ["b"]
     store.request_cancel("b")
     assert runner.run_next() is False
-    assert runner._prefetch.job_ids() == []
+    assert runner.engine._prefetch.job_ids() == []
     assert finished(store, "b").status is JobStatus.CANCELED
 
 
@@ -368,7 +368,7 @@ def test_prompt_checks_still_run_on_a_prefetched_job(
     assert runner.run_next() and runner.run_next()
     job = finished(store, "b")
     assert job.status is JobStatus.FAILED and job.error and "forbidden" in job.error
-    assert len(engine.requests) == 1 and runner._prefetch.job_ids() == []
+    assert len(engine.requests) == 1 and runner.engine._prefetch.job_ids() == []
 
 
 def test_no_prefetch_once_the_drain_began(
@@ -382,7 +382,7 @@ def test_no_prefetch_once_the_drain_began(
     assert runner.run_next()
     assert finished(store, "a").status is JobStatus.SUCCEEDED  # finished within the drain
     time.sleep(0.1)
-    assert server.count("/b.png") == 0 and runner._prefetch.job_ids() == []
+    assert server.count("/b.png") == 0 and runner.engine._prefetch.job_ids() == []
     assert queued_now(store, "b")
 
 

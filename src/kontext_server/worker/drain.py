@@ -1,8 +1,8 @@
 """``DrainDeadline``: when a draining worker must hand its jobs in flight back.
 
-Shared by the GPU runner and the BFL worker. Written by ``request`` (possibly from a signal
-handler), read by the worker's loop: a plain attribute and no lock, because a handler must
-never wait on a lock its own thread holds.
+Owned by the worker loop, read by it and by its engines' jobs. Written by ``request``
+(possibly from a signal handler), read by the others: a plain attribute and no lock, because a
+handler must never wait on a lock its own thread holds.
 """
 
 from __future__ import annotations

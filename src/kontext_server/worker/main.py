@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
-import uuid
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 
@@ -26,6 +22,7 @@ from kontext_server.metrics import JobMetrics
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store import open_configured_store
 from kontext_server.worker.exit_codes import EXIT_START_FAILED
+from kontext_server.worker.loop import default_worker_id, run_until_signalled
 from kontext_server.worker.runner import JobRunner, RunnerLimits
 from kontext_server.worker.state import WorkerStates
 
@@ -61,7 +58,7 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain (see the module docstring) and return."""
     from kontext_server.worker.pipeline import KontextPipeline  # torch lives behind this line
 
-    worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    worker_id = worker_id or default_worker_id()
     metrics = JobMetrics()
     metrics.worker_started()
     if settings.metrics_port is not None:  # a remote worker: Prometheus scrapes it directly
@@ -133,31 +130,3 @@ def warm_up(pipeline: KontextPipeline, settings: Settings, states: WorkerStates)
     log.info("worker: %s before the first request (%s)", what, pipeline.acceleration.describe())
     seconds = pipeline.warmup()
     log.info("worker: warm-up took %.1f s", seconds)
-
-
-def run_until_signalled(runner: JobRunner, *, drain_timeout_s: float) -> None:
-    """Run ``runner`` until SIGTERM or SIGINT, then drain it: the job in hand may run
-    ``drain_timeout_s`` more before it is handed back; a second signal hands it back at its
-    next step. Returns once nothing is in hand. Call from the main thread (signal handlers)."""
-    signals_seen = 0
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        timeout_s = drain_timeout_s if signals_seen == 1 else 0.0
-        log.info(
-            "worker %s: signal %d, draining (the job in hand has %.1f s to finish)",
-            runner.worker_id,
-            signum,
-            timeout_s,
-        )
-        runner.drain(timeout_s)
-
-    previous: dict[signal.Signals, Any] = {
-        signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        runner.run_forever()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)

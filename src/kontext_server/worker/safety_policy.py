@@ -11,7 +11,7 @@ Level 6 is only the hard floor: what no caller can opt out of. The prompt blockl
 (``KONTEXT_SAFETY_PROMPT_BLOCKLIST``) applies at levels up to
 ``KONTEXT_SAFETY_BLOCKLIST_MAX_LEVEL`` (default 2, the strict levels).
 
-What happens when something is flagged (the worker does it, see ``worker/runner.py``):
+What happens when something is flagged (the worker does it, see ``worker/local_engine.py``):
 
 * a blocked prompt or a flagged input image ends the request: failed with ``error_type``
   ``content_policy_violation`` (HTTP 422 from the result endpoint);
