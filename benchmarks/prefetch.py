@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.editing import EditInput, EditRequest, EditResult, EncodedImage
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
 from kontext_server.net.fetch import SafeFetcher
@@ -125,7 +125,9 @@ def run_jobs(folder: Path, port: int, jobs: int, edit_s: float, prefetch_jobs: i
     )
     ids = [f"job-{i}" for i in range(jobs)]
     for i, job_id in enumerate(ids):
-        data = {"prompt": "make it blue", "image_url": f"http://127.0.0.1:{port}/ref-{i}.jpg"}
+        data = EditInput(
+            prompt="make it blue", references=(f"http://127.0.0.1:{port}/ref-{i}.jpg",)
+        )
         store.submit(NewJob(id=job_id, endpoint=ENDPOINT, input=data))
     walls = []
     try:
@@ -162,7 +164,7 @@ def run_workers(
         ):
             store = SQLiteJobStore(str(Path(folder) / "jobs.db"))
             for i in range(jobs):
-                data = {"prompt": "p", "image_url": f"http://127.0.0.1:{port}/ref-{i}.jpg"}
+                data = EditInput(prompt="p", references=(f"http://127.0.0.1:{port}/ref-{i}.jpg",))
                 store.submit(NewJob(id=f"job-{i}", endpoint=ENDPOINT, input=data))
             runners = [
                 JobRunner(

@@ -15,6 +15,7 @@ from bfl_standin import API_KEY
 from bfl_support import FAST_LIMITS, MAX, MULTI, Rig, RunningWorker, png_data_uri
 from PIL import Image
 
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.worker.bfl import BflClient, bfl_request_body
 
@@ -99,7 +100,7 @@ def test_multi_sends_each_reference_and_one_task_per_image_with_consecutive_seed
 
 
 def test_request_body_names_up_to_four_references() -> None:
-    body = bfl_request_body({"prompt": "p"}, ["a", "b", "c", "d"], seed=1)
+    body = bfl_request_body(EditInput(prompt="p"), ["a", "b", "c", "d"], seed=1)
     assert [
         body[k] for k in ("input_image", "input_image_2", "input_image_3", "input_image_4")
     ] == ["a", "b", "c", "d"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.editing import EditInput, EditRequest, EditResult, EncodedImage
 from kontext_server.domain.errors import EditCancelled
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
@@ -95,7 +95,8 @@ def make_runner(
 
 
 def submit(store: SQLiteJobStore, job_id: str = "job-1", **fields: object) -> None:
-    data = {"prompt": "make it blue", "image_url": png_data_uri(), "num_images": 1, **fields}
+    fields = {"references": (png_data_uri(),), **fields}
+    data = EditInput(prompt="make it blue", **fields)  # type: ignore[arg-type]
     store.submit(NewJob(id=job_id, endpoint=ENDPOINT, input=data))
 
 
@@ -122,7 +123,7 @@ def test_successful_job_stores_images_and_a_result_in_the_contract_shape(store, 
 
 
 def test_sync_mode_inlines_data_uris_and_stores_no_file(store, files, tmp_path) -> None:
-    submit(store, sync_mode=True)
+    submit(store, inline_output=True)
     make_runner(store, files, FakeEngine()).run_next()
     job = store.get("job-1")
     assert job is not None and job.result is not None
@@ -149,7 +150,7 @@ def test_cancel_while_running_stops_within_one_step(store, files) -> None:
 
 
 def test_undecodable_image_fails_the_job_with_a_clear_error(store, files) -> None:
-    submit(store, image_url="data:image/png;base64," + base64.b64encode(b"not a png").decode())
+    submit(store, references=("data:image/png;base64," + base64.b64encode(b"not a png").decode(),))
     engine = FakeEngine()
     make_runner(store, files, engine).run_next()
     job = store.get("job-1")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
+from kontext_server.domain.editing import EditInput, EditRequest, EditResult, EncodedImage
 from kontext_server.domain.jobs import Job, JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
 from kontext_server.net.fetch import SafeFetcher
@@ -196,7 +196,7 @@ def make_runner(
 
 
 def submit(store: SQLiteJobStore, job_id: str, url: str, prompt: str = "make it blue") -> None:
-    data = {"prompt": prompt, "image_url": url, "output_format": "png"}
+    data = EditInput(prompt=prompt, references=(url,), output_format="png")
     store.submit(NewJob(id=job_id, endpoint=ENDPOINT, input=data))
 
 

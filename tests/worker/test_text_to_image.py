@@ -20,6 +20,7 @@ from kontext_server.domain import sizing
 from kontext_server.domain.editing import EditRequest, EditResult
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
+from kontext_server.http.fal.inputs import stored_input
 from kontext_server.http.fal.schemas import DevInput, FalInput, TextToImageInput
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
@@ -197,7 +198,7 @@ def _run_job(
     body: dict[str, Any],
 ) -> tuple[dict[str, Any], list[str]]:
     """Validate ``body`` as the API does, queue it, run it; the result and log messages."""
-    job_input = model.model_validate(body).model_dump(mode="json")
+    job_input = stored_input(model.model_validate(body))
     store.submit(NewJob(id="job-1", endpoint=endpoint, input=job_input))
     assert runner.run_next()
     job = store.get("job-1")

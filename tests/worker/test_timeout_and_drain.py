@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from kontext_server.cli.supervisor import WorkerSpec, WorkerSupervisor
+from kontext_server.domain.editing import EditInput
 from kontext_server.domain.jobs import Job, JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
 from kontext_server.net.fetch import SafeFetcher
@@ -54,7 +55,7 @@ def png_data_uri() -> str:
 
 
 def submit(store: SQLiteJobStore, job_id: str = "job-1", max_attempts: int = 3) -> None:
-    data = {"prompt": "make it blue", "image_url": png_data_uri()}
+    data = EditInput(prompt="make it blue", references=(png_data_uri(),))
     store.submit(NewJob(id=job_id, endpoint=ENDPOINT, input=data, max_attempts=max_attempts))
 
 

@@ -28,14 +28,14 @@ import functools
 import io
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from PIL import Image
 
 from kontext_server.config import Settings
-from kontext_server.domain.editing import EncodedImage
+from kontext_server.domain.editing import EditInput, EncodedImage
 from kontext_server.domain.errors import EditCancelled, InputError
 from kontext_server.domain.jobs import Progress
 from kontext_server.files.base import FileStore
@@ -48,7 +48,6 @@ from kontext_server.worker.engine import (
     Abandoned,
     HandBack,
     JobContext,
-    image_sources,
     publish_image,
 )
 from kontext_server.worker.safety_policy import CONTENT_POLICY_ERROR_TYPE
@@ -59,10 +58,8 @@ __all__ = [
     "BFL_MODELS",
     "CONTENT_POLICY_ERROR_TYPE",
     "BflEngine",
-    "BflInput",
     "BflLimits",
     "bfl_request_body",
-    "read_bfl_input",
 ]
 
 BFL_ENGINE = "bfl"
@@ -110,57 +107,22 @@ class BflLimits:
         )
 
 
-# --- the stored input ----------------------------------------------------------------------------
+# --- the request --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class BflInput:
-    """What the BFL engine takes from a stored job input. ``options``: the fields of every
-    task's request after ``prompt`` and ``seed``."""
-
-    prompt: str
-    sources: list[str]  # the reference images (URLs or data URIs)
-    seed: int | None  # None: drawn once, recorded with the tasks
-    num_images: int  # one upstream task each
-    safety_tolerance: int
-    sync_mode: bool  # True: the images are returned inline, not stored
-    options: dict[str, Any]
-
-
-def read_bfl_input(job_input: dict[str, Any]) -> BflInput:
-    """Everything the BFL engine reads from a stored job input, with the defaults of fal's
-    schema for what is absent. Not read: ``guidance_scale``, ``num_inference_steps`` (BFL
-    does not take them)."""
-    seed = job_input.get("seed")
-    safety_tolerance = int(job_input.get("safety_tolerance", 2))
-    options: dict[str, Any] = {
-        "output_format": job_input.get("output_format", "jpeg"),
-        "safety_tolerance": safety_tolerance,
-        "prompt_upsampling": bool(job_input.get("enhance_prompt", False)),
+def bfl_request_body(edit: EditInput, images: list[str], seed: int) -> dict[str, Any]:
+    """BFL's request for one output image of ``edit``. ``images``: the reference images as
+    base64 (or URLs), at most four. Not sent: ``guidance_scale``, ``num_inference_steps`` (BFL
+    does not take them), ``inline_output`` (ours), ``num_images`` (one task per image)."""
+    body: dict[str, Any] = {
+        "prompt": edit.prompt,
+        "seed": seed,
+        "output_format": edit.output_format,
+        "safety_tolerance": edit.safety_tolerance,
+        "prompt_upsampling": edit.enhance_prompt,
     }
-    if job_input.get("aspect_ratio"):
-        options["aspect_ratio"] = job_input["aspect_ratio"]
-    return BflInput(
-        prompt=job_input["prompt"],
-        sources=image_sources(job_input),
-        seed=None if seed is None else int(seed),
-        num_images=int(job_input.get("num_images", 1)),
-        safety_tolerance=safety_tolerance,
-        sync_mode=bool(job_input.get("sync_mode")),
-        options=options,
-    )
-
-
-def bfl_request_body(job_input: dict[str, Any], images: list[str], seed: int) -> dict[str, Any]:
-    """BFL's request for one output image of a stored job input (``task_body``)."""
-    return task_body(read_bfl_input(job_input), images, seed)
-
-
-def task_body(given: BflInput, images: list[str], seed: int) -> dict[str, Any]:
-    """BFL's request for one output image. ``images``: the reference images as base64 (or
-    URLs), at most four. Not sent: ``sync_mode`` (ours), ``num_images`` (one task per
-    image)."""
-    body: dict[str, Any] = {"prompt": given.prompt, "seed": seed, **given.options}
+    if edit.aspect_ratio:
+        body["aspect_ratio"] = edit.aspect_ratio
     for index, image in enumerate(images):
         body["input_image" if index == 0 else f"input_image_{index + 1}"] = image
     return body
@@ -207,7 +169,7 @@ class _Attempt:
         self.engine, self.ctx, self.job = engine, ctx, ctx.job
         self.store, self.limits = engine.store, engine.limits
         self.deadline = time.monotonic() + self.limits.job_timeout_s
-        self.given = read_bfl_input(self.job.input)
+        self.given = self.job.input
         self._last_progress: Progress | None = None
         self._statuses: dict[int, str] = {}
 
@@ -258,7 +220,7 @@ class _Attempt:
         self._check()
         images = self._reference_images()
         for index in range(len(tasks), wanted):
-            body = task_body(self.given, images, record["seed"] + index)
+            body = bfl_request_body(self.given, images, record["seed"] + index)
             answer = self._with_retries(
                 "submit", functools.partial(self.engine.client.submit, record["model"], body)
             )
@@ -278,7 +240,7 @@ class _Attempt:
             )
 
     def _reference_images(self) -> list[str]:
-        sources = _checked_count(self.given.sources)
+        sources = _checked_count(self.given.references)
         self.store.add_event(self.job.id, f"loading {len(sources)} reference image(s)")
         return [self._as_base64(source) for source in sources]
 
@@ -372,7 +334,7 @@ class _Attempt:
         extension = {"PNG": "png", "WEBP": "webp"}.get(fmt, "jpeg")
         sample = EncodedImage(data, width, height, f"image/{extension}")
         return publish_image(
-            self.engine.files, self.job, index, sample, extension, inline=self.given.sync_mode
+            self.engine.files, self.job, index, sample, extension, inline=self.given.inline_output
         )
 
     def _download(self, index: int, sample_url: str) -> bytes:
@@ -441,7 +403,7 @@ def _progress_fraction(value: Any) -> float:
     return min(max(float(fraction), 0.0), 0.99)
 
 
-def _checked_count(sources: list[str]) -> list[str]:
+def _checked_count(sources: Sequence[str]) -> Sequence[str]:
     if len(sources) > BFL_MAX_REFERENCE_IMAGES:
         raise InputError(
             f"this endpoint runs on Black Forest Labs' API, which takes at most"

@@ -32,7 +32,6 @@ __all__ = [
     "JobContext",
     "JobFailed",
     "LeaseLimits",
-    "image_sources",
     "publish_image",
 ]
 
@@ -115,16 +114,6 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def image_sources(job_input: dict[str, Any]) -> list[str]:
-    """The reference images of a stored input: ``image_urls``, ``image_url``, or none
-    (text-to-image endpoints)."""
-    if "image_urls" in job_input:
-        return list(job_input["image_urls"])
-    if "image_url" in job_input:
-        return [job_input["image_url"]]
-    return []
 
 
 def publish_image(

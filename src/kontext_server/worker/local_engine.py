@@ -21,23 +21,22 @@ tested with hand-written fake pipelines as well as with the real tiny diffusers 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from PIL import Image
 
 from kontext_server.core.uploads import read_own_file
 from kontext_server.domain.editing import (
+    EditInput,
     EditPipeline,
     EditRequest,
     EditResult,
-    OutputFormat,
     RequestAcceleration,
 )
 from kontext_server.domain.errors import EditCancelled
@@ -47,15 +46,14 @@ from kontext_server.net.fetch import SafeFetcher, load_image_bytes
 from kontext_server.store.base import JobStore
 from kontext_server.worker import imaging
 from kontext_server.worker.drain import DrainDeadline
-from kontext_server.worker.engine import HandBack, JobContext, image_sources, publish_image
-from kontext_server.worker.safety_policy import ContentSafety, SafetyPolicy, level_of
+from kontext_server.worker.engine import HandBack, JobContext, publish_image
+from kontext_server.worker.safety_policy import ContentSafety, SafetyPolicy
 
-__all__ = ["LOCAL_ENGINE", "LocalEngine", "LocalInput", "RunnerLimits", "read_local_input"]
+__all__ = ["LOCAL_ENGINE", "LocalEngine", "RunnerLimits"]
 
 log = logging.getLogger(__name__)
 
 LOCAL_ENGINE = "local"
-_ACCELERATIONS = ("none", "regular", "high")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,65 +66,6 @@ class RunnerLimits:
     max_image_pixels: int = 40_000_000
     job_timeout_s: float = 900.0  # a run longer than this fails and the process is replaced
     prefetch_jobs: int = 1  # queued jobs whose inputs are fetched during the current edit; 0: off
-
-
-# --- the stored input ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LocalInput:
-    """What the local engine takes from a stored job input. ``request.images`` is empty:
-    the images of ``sources`` are fetched later."""
-
-    request: EditRequest
-    sources: list[str]
-    safety_level: int  # the input's safety_tolerance
-    enhance_prompt: bool
-    sync_mode: bool  # True: the images are returned inline, not stored
-
-
-def read_local_input(data: dict[str, Any]) -> LocalInput:
-    """Everything the local engine reads from a stored job input (``Job.input``), with the
-    defaults of fal's schema for what is absent."""
-    aspect_ratio, match_input_size = _output_sizing(
-        data.get("resolution_mode"), data.get("aspect_ratio")
-    )
-    fmt: OutputFormat = "png" if data.get("output_format") == "png" else "jpeg"
-    acceleration = data.get("acceleration")
-    request = EditRequest(
-        prompt=data["prompt"],
-        images=[],
-        seed=data.get("seed"),
-        guidance_scale=float(data.get("guidance_scale", 3.5)),
-        num_images=int(data.get("num_images", 1)),
-        aspect_ratio=aspect_ratio,
-        num_inference_steps=data.get("num_inference_steps"),
-        output_format=fmt,
-        match_input_size=match_input_size,
-        acceleration=(
-            cast("RequestAcceleration", acceleration) if acceleration in _ACCELERATIONS else None
-        ),
-    )
-    return LocalInput(
-        request=request,
-        sources=image_sources(data),
-        safety_level=level_of(data),
-        enhance_prompt=bool(data.get("enhance_prompt")),
-        sync_mode=bool(data.get("sync_mode")),
-    )
-
-
-def _output_sizing(mode: Any, aspect_ratio: Any) -> tuple[str | None, bool]:
-    """``(aspect_ratio, match_input_size)`` for the pipeline. fal [dev]'s ``resolution_mode``:
-    "auto" is the bucket nearest the input (no aspect ratio), "match_input" the input's own
-    size, a ratio is that ratio at ~1 MP. Other endpoints carry ``aspect_ratio`` as is."""
-    if mode is None:
-        return aspect_ratio, False
-    if mode == "match_input":
-        return None, True
-    if mode == "auto":
-        return None, False
-    return str(mode), False
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -226,7 +165,7 @@ class LocalEngine:
         job = ctx.job
         progress = _ProgressWriter(self.store, job, ctx.worker_id, self._progress_io)
         fetched_ahead = self._prefetch.take(job)  # whatever happens next, the entry goes
-        given = read_local_input(job.input)
+        given = job.input
         request = self._build_request(ctx, given, fetched_ahead)
         try:
             result = self.pipeline.edit(
@@ -236,9 +175,9 @@ class LocalEngine:
             )
         finally:  # the last step's event before the closing one
             progress.flush()
-        result, nsfw_flags = self._screen_outputs(job, result, given.safety_level)
+        result, nsfw_flags = self._screen_outputs(job, result, given.safety_tolerance)
         ctx.edit = result
-        return self._publish(job, request, result, nsfw_flags, given.sync_mode)
+        return self._publish(job, request, result, nsfw_flags, given.inline_output)
 
     def _should_stop(self, ctx: JobContext) -> bool:
         """Polled between denoising steps: lease lost, drain time up, or cancel requested."""
@@ -251,33 +190,33 @@ class LocalEngine:
     def _build_request(
         self,
         ctx: JobContext,
-        given: LocalInput,
+        given: EditInput,
         fetched_ahead: dict[str, Future[Image.Image]],
     ) -> EditRequest:
         job = ctx.job
         if self._should_stop(ctx):
             raise EditCancelled(job.id)
-        self.safety.check_prompt(given.request.prompt, given.safety_level)
-        self.store.add_event(job.id, _loading_message(len(given.sources)))
+        self.safety.check_prompt(given.prompt, given.safety_tolerance)
+        self.store.add_event(job.id, _loading_message(len(given.references)))
         images = list(
-            self._io.map(lambda source: self._image_for(source, fetched_ahead), given.sources)
+            self._io.map(lambda source: self._image_for(source, fetched_ahead), given.references)
         )
         self._start_prefetch(ctx.drain)  # this job has its inputs: fetch the next one's meanwhile
-        self.safety.check_inputs(images, given.safety_level)
+        self.safety.check_inputs(images, given.safety_tolerance)
         if given.enhance_prompt:
             self.store.add_event(
                 job.id,
                 "enhance_prompt: no prompt upsampler is configured; the prompt is used as given",
                 level="WARN",
             )
-        self._note_acceleration(job, given.request.acceleration)
+        self._note_acceleration(job, given.acceleration)
         if self.pipeline.random_weights:
             self.store.add_event(
                 job.id,
                 f"model {self.model_name or '(random)'} has random weights: outputs are noise",
                 level="WARN",
             )
-        return dataclasses.replace(given.request, images=images)
+        return EditRequest.of(given, images)
 
     def _note_acceleration(self, job: Job, acceleration: RequestAcceleration | None) -> None:
         """fal [dev]'s ``acceleration``: what it changes on this worker, said in the job's
@@ -447,7 +386,7 @@ class _PrefetchCache:
             stale = [images for job_id, (_, images) in self._jobs.items() if job_id not in kept]
             for job in wanted:
                 images = kept[job.id]
-                for source in read_local_input(job.input).sources:
+                for source in job.input.references:
                     if source not in images:
                         images[source] = start(job.id, source)
             self._jobs = {job.id: ((job.priority, job.seq), kept[job.id]) for job in wanted}

@@ -48,7 +48,6 @@ __all__ = [
     "ImageClassifier",
     "SafetyPolicy",
     "black_image_like",
-    "level_of",
     "policy_from_settings",
 ]
 
@@ -135,16 +134,6 @@ def _checked_level(level: int) -> int:
     if level not in SAFETY_LEVELS:
         raise ValueError(f"safety level must be 1 to 6, got {level!r}")
     return level
-
-
-def level_of(job_input: dict[str, object]) -> int:
-    """The ``safety_tolerance`` of a stored job input as an int (fal's default 2 if absent)."""
-    raw = job_input.get("safety_tolerance", DEFAULT_SAFETY_LEVEL)
-    try:
-        level = int(str(raw))
-    except ValueError:
-        return DEFAULT_SAFETY_LEVEL
-    return level if level in SAFETY_LEVELS else DEFAULT_SAFETY_LEVEL
 
 
 def black_image_like(image: EncodedImage) -> EncodedImage:
