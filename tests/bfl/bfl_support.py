@@ -15,6 +15,8 @@ from PIL import Image
 from kontext_server.core.service import QueueService
 from kontext_server.domain.jobs import Job, NewJob
 from kontext_server.files.local import LocalFileStore
+from kontext_server.http.fal.inputs import stored_input
+from kontext_server.http.fal.schemas import ENDPOINTS
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.bfl import BflLimits, BflWorker
 
@@ -52,7 +54,8 @@ class Rig:
         body: dict[str, Any] = {"prompt": "make it blue", "image_url": png_data_uri()}
         if endpoint == MULTI:
             body = {"prompt": "combine", "image_urls": [png_data_uri(), png_data_uri(16, 16)]}
-        return self.service.submit(endpoint, body | input).job
+        edit = stored_input(ENDPOINTS[endpoint].model_validate(body | input))  # as the API does
+        return self.service.submit(endpoint, edit).job
 
     def submit_raw(self, job: NewJob) -> Job:
         return self.store.submit(job)[0]

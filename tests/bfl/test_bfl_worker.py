@@ -107,7 +107,7 @@ def test_request_body_names_up_to_four_references() -> None:
 
 
 def test_more_than_four_references_fail_with_a_clear_error(rig: Rig) -> None:
-    job = rig.service.submit(MULTI, {"prompt": "p", "image_urls": [png_data_uri()] * 5}).job
+    job = rig.submit(MULTI, prompt="p", image_urls=[png_data_uri()] * 5)
     with RunningWorker(rig.make_worker()):
         done = final(rig, job)
     assert done.status is JobStatus.FAILED and done.error_type == "bad_request"

@@ -23,12 +23,12 @@ from kontext_server.core.uploads import (
     UploadService,
     UploadSigner,
     expiry_folder,
-    lifecycle_ttl_s,
     read_own_file,
     upload_file_name,
 )
 from kontext_server.domain.errors import ImageFetchError
 from kontext_server.files.local import LocalFileStore
+from kontext_server.http.fal.storage import lifecycle_ttl_s
 from kontext_server.store.sqlite import SQLiteJobStore
 
 REMOTE = ("203.0.113.9", 40000)

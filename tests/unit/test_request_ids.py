@@ -8,10 +8,11 @@ from pathlib import Path
 
 from kontext_server.config import Settings
 from kontext_server.core.service import QueueService
+from kontext_server.domain.editing import EditInput
 from kontext_server.store.sqlite import SQLiteJobStore
 
 ENDPOINT = "fal-ai/flux-pro/kontext/max"
-INPUT = {"prompt": "make it blue", "image_url": "https://example.com/in.png"}
+INPUT = EditInput(prompt="make it blue", references=("https://example.com/in.png",))
 
 
 def test_request_ids_are_version_7_uuids_in_submit_order(tmp_path: Path) -> None:

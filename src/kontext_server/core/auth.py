@@ -1,4 +1,4 @@
-"""API keys: fal's shape ``<key_id>:<secret>``, stored as the SHA-256 of the whole key.
+"""API keys: ``<key_id>:<secret>``, stored as the SHA-256 of the whole key.
 
 Keys are high-entropy random strings, so one unsalted SHA-256 is enough to make a leaked
 database useless for calling the API. ``Authenticator`` decides who a request is:

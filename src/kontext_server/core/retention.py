@@ -3,8 +3,9 @@
 Every API process runs one (started with the app). Each pass asks the job store to purge
 expired jobs in batches (``JobStore.purge_expired``: rows, events and outbox rows in one go;
 safe when several processes purge at once) and then deletes the purged jobs' output files.
-A job's retention runs from when it finished: ``X-Fal-Object-Lifecycle-Preference`` when the
-client sent one, else the store's default (``result_retention_s``, 30 days as at fal).
+A job's retention runs from when it finished: the job's own ``retention_s`` when the client
+asked for one (the skin reads it from the request), else the store's default
+(``result_retention_s``, 30 days).
 
 Rows go before files: once a row is gone nobody can be handed a link to its files. A crash
 between the two leaves orphaned files (unguessable keys, never linked again), not links to

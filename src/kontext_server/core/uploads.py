@@ -1,4 +1,4 @@
-"""Uploads: files clients store on this server through fal's storage endpoints (PROTOCOL §10).
+"""Uploads: files clients store on this server (the storage endpoints of PROTOCOL §10).
 
 An upload is one file in the ``FileStore`` under an unguessable key::
 
@@ -6,8 +6,8 @@ An upload is one file in the ``FileStore`` under an unguessable key::
 
 where ``<yyyymmddhh>`` (UTC) is the hour in which the upload *expires*: its folder is deleted
 once that hour has passed (``UploadCleanupLoop``), so the key is the whole index and no
-database row is needed. A client may ask for a shorter life (fal's ``X-Fal-Object-Lifecycle``
-headers); never for a longer one than ``upload_retention_s``.
+database row is needed. A client may ask for a shorter life (the skin reads it from the
+request); never for a longer one than ``upload_retention_s``.
 
 Who may upload is decided with signed, self-contained credentials (``UploadSigner``, HMAC-
 SHA256 with a server secret), so any API process that shares the secret accepts them:
@@ -49,7 +49,6 @@ from kontext_server.config import Settings
 from kontext_server.core.auth import AuthError
 from kontext_server.core.periodic import PeriodicTask
 from kontext_server.domain.errors import ImageFetchError, InputError
-from kontext_server.domain.json_limits import JSONLimitError, parse_json
 from kontext_server.files.base import FileStore, StoredFile, content_type_for_key
 
 __all__ = [
@@ -62,7 +61,6 @@ __all__ = [
     "UploadToken",
     "UploadTooLargeError",
     "expiry_folder",
-    "lifecycle_ttl_s",
     "load_or_create_upload_secret",
     "read_own_file",
     "upload_file_name",
@@ -208,25 +206,6 @@ def upload_file_name(file_name: str | None, content_type: str) -> str:
         media_type = content_type.split(";", 1)[0].strip().lower()
         extension = _EXTENSION_FOR_CONTENT_TYPE.get(media_type, "bin")
     return f"{stem}.{extension}"
-
-
-def lifecycle_ttl_s(header_values: list[str | None], retention_s: float) -> float:
-    """How long an upload lives: ``expiration_duration_seconds`` from the first readable
-    ``X-Fal-Object-Lifecycle(-Preference)`` JSON header, capped at ``retention_s``. Headers
-    that cannot be read are ignored, never refused (PROTOCOL.md §2)."""
-    for value in header_values:
-        if not value:
-            continue
-        try:
-            preference = parse_json(value)
-        except JSONLimitError:
-            continue
-        if not isinstance(preference, dict):
-            continue
-        seconds = preference.get("expiration_duration_seconds")
-        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
-            return min(float(seconds), retention_s)
-    return retention_s
 
 
 # --- the service -------------------------------------------------------------------------------

@@ -35,11 +35,12 @@ __all__ = [
     "publish_image",
 ]
 
-EXECUTION_TIMEOUT_ERROR_TYPE = "execution_timeout"  # ours: fal has no word for it
+EXECUTION_TIMEOUT_ERROR_TYPE = "execution_timeout"  # ours: PROTOCOL.md's list has no word for it
 
 
 class JobFailed(KontextError):
-    """Ends a job as failed: ``error_type`` is fal's word; ``data`` goes into the last event."""
+    """Ends a job as failed: ``error_type`` from PROTOCOL.md's list; ``data`` goes into the last
+    event."""
 
     def __init__(
         self,

@@ -1,8 +1,9 @@
 """The worker loop: claim a job, keep its lease, run it on an engine, record the outcome.
 
 One loop for every engine (``worker.engine``). The local engine takes one job at a time and
-runs it in the loop's own thread (the GPU work); the BFL engine keeps up to its capacity in
-flight, one thread each (they mostly sleep between polls). Each job has a lease thread that
+runs it in the loop's own thread (the GPU work); an engine with a capacity above one (the
+upstream engine) keeps that many jobs in flight, one thread each (they mostly sleep between
+polls). Each job has a lease thread that
 renews its lease every ``heartbeat_s``; a lost lease (another worker took the job over) is
 seen by the engine at its next check and the attempt records nothing.
 
@@ -11,8 +12,8 @@ Two limits end a run early:
 * **Watchdog** (``Engine.watchdog_s``, the local engine's ``job_timeout_s``): the lease
   thread fails the job (``execution_timeout``, with the fenced finish) and then ends the whole
   process (``EXIT_EXECUTION_TIMEOUT``): a stuck CUDA call cannot be interrupted from Python,
-  so the only way to free the GPU is a fresh process, which the supervisor starts. The BFL
-  engine keeps its own time instead.
+  so the only way to free the GPU is a fresh process, which the supervisor starts. An engine
+  without a watchdog (the upstream one) keeps its own time instead.
 * **Drain** (``WorkerLoop.drain``, on SIGTERM): no more claims; the jobs in hand may finish
   within the drain time, else the engine stops them at their next check and they are handed
   back to the queue (``JobStore.release``: their place kept, the attempt not counted).

@@ -26,19 +26,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from kontext_server.core.auth import AuthError, Principal, key_from_authorization
-from kontext_server.core.uploads import (
-    UploadCleanupLoop,
-    UploadService,
-    UploadTooLargeError,
-    lifecycle_ttl_s,
-)
+from kontext_server.core.uploads import UploadCleanupLoop, UploadService, UploadTooLargeError
 from kontext_server.domain.json_limits import JSONLimitError, json_rules, parse_json
 from kontext_server.http.bodies import BodyTooLargeError, read_capped_body
 from kontext_server.http.context import ApiContext, Caller, Context, site_base
 from kontext_server.http.fal.schemas import json_body_schema
 from kontext_server.http.ids import is_upload_ticket
 
-__all__ = ["CDN_PREFIX", "REST_PREFIX", "storage_router"]
+__all__ = ["CDN_PREFIX", "REST_PREFIX", "lifecycle_ttl_s", "storage_router"]
 
 REST_PREFIX = "/rest"  # fal's rest.fal.ai
 CDN_PREFIX = "/cdn"  # fal's v3.fal.media upload host
@@ -195,6 +190,25 @@ async def _read_capped(request: Request, uploads: UploadService) -> bytes:
     except BodyTooLargeError as exc:
         uploads.check_size(exc.size)  # raises, with the uploads' own message
         raise
+
+
+def lifecycle_ttl_s(header_values: list[str | None], retention_s: float) -> float:
+    """How long an upload lives: ``expiration_duration_seconds`` from the first readable
+    ``X-Fal-Object-Lifecycle(-Preference)`` JSON header, capped at ``retention_s``. Headers
+    that cannot be read are ignored, never refused (PROTOCOL.md §2)."""
+    for value in header_values:
+        if not value:
+            continue
+        try:
+            preference = parse_json(value)
+        except JSONLimitError:
+            continue
+        if not isinstance(preference, dict):
+            continue
+        seconds = preference.get("expiration_duration_seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
+            return min(float(seconds), retention_s)
+    return retention_s
 
 
 def _lifecycle_headers(request: Request) -> list[str | None]:
