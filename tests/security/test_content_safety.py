@@ -19,6 +19,8 @@ from kontext_server.domain.editing import EditRequest, EditResult, EncodedImage
 from kontext_server.domain.errors import ConfigError
 from kontext_server.domain.jobs import Job, JobStatus, NewJob
 from kontext_server.files.local import LocalFileStore
+from kontext_server.http.fal.inputs import stored_input
+from kontext_server.http.fal.schemas import ENDPOINTS
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.worker.runner import JobRunner
@@ -185,7 +187,8 @@ def run_one(
     **job_input: object,
 ) -> Job:
     data = {"prompt": "make it nice", "image_url": _png_data_uri(BLUE), **job_input}
-    store.submit(NewJob(id="job-1", endpoint=ENDPOINT, input=data))
+    edit = stored_input(ENDPOINTS[ENDPOINT].model_validate(data))  # as the API does
+    store.submit(NewJob(id="job-1", endpoint=ENDPOINT, input=edit))
     fetcher = SafeFetcher(allow_hosts=[], allow_ports=[443], timeout_s=1, max_bytes=1 << 20)
     safety = ContentSafety(policy or SafetyPolicy(), classifier)
     runner = JobRunner(store, files, engine, fetcher, worker_id="w", safety=safety)

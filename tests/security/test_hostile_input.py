@@ -317,7 +317,7 @@ def test_the_worker_fails_each_hostile_image_clearly_and_keeps_serving(tmp_path:
                     id=name, endpoint=endpoint, input=EditInput(prompt="p", references=(source,))
                 )
             )
-        good = {"prompt": "p", "image_url": _data_uri(_saved("PNG", (16, 16)))}
+        good = EditInput(prompt="p", references=(_data_uri(_saved("PNG", (16, 16))),))
         store.submit(NewJob(id="good", endpoint=endpoint, input=good))
         while runner.run_next():
             pass
