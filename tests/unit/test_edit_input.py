@@ -1,8 +1,10 @@
-"""The typed edit input: its record round trip, its checks, and old rows read as before."""
+"""The typed edit input (its record round trip, its checks, old rows read as before) and the
+typed edit output."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -11,7 +13,9 @@ from kontext_server.domain.editing import (
     DEFAULT_GUIDANCE_SCALE,
     EDIT_INPUT_VERSION,
     EditInput,
+    EditOutput,
     EditRequest,
+    OutputImage,
 )
 from kontext_server.store.inputs import decode_input, encode_input, upgrade_record
 
@@ -167,3 +171,46 @@ def test_upgrade_rewrites_an_old_row_to_the_same_edit() -> None:
     new = upgrade_record(old)
     assert new is not None and new["v"] == EDIT_INPUT_VERSION
     assert decode_input(new) == decode_input(old)
+
+
+# --- the output -----------------------------------------------------------------------------
+
+OUTPUT = EditOutput(
+    images=(
+        OutputImage(512, 384, "image/png", 1234, "0.png", file_key="jobs/a/1/0.png"),
+        OutputImage(8, 8, "image/jpeg", 99, "j-1.jpeg", url="data:image/jpeg;base64,AAAA"),
+    ),
+    seed=42,
+    prompt="make it blue",
+    nsfw_flags=(False, True),
+    timings={"inference": 1.5},
+    random_weights=True,
+)
+
+
+def test_output_record_round_trips_and_keeps_the_endpoint_output_keys() -> None:
+    record = json.loads(json.dumps(OUTPUT.to_record()))
+    assert set(record) == {
+        "images",
+        "timings",
+        "seed",
+        "has_nsfw_concepts",
+        "prompt",
+        "random_weights",
+    }
+    assert record["has_nsfw_concepts"] == [False, True]
+    assert record["images"][0]["file_key"] == "jobs/a/1/0.png"
+    assert EditOutput.from_record(record) == OUTPUT
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"images": "not a list of images", "seed": 1, "prompt": "p"}, "must be a list"),
+        ({"images": [], "prompt": "p"}, "not an edit output record"),
+        ({"images": [{"width": 1}], "seed": 1, "prompt": "p"}, "not an edit output record"),
+    ],
+)
+def test_a_record_that_is_not_an_output_says_so(record: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EditOutput.from_record(record)

@@ -22,11 +22,13 @@ __all__ = [
     "REQUEST_ACCELERATIONS",
     "SAFETY_TOLERANCES",
     "EditInput",
+    "EditOutput",
     "EditPipeline",
     "EditRequest",
     "EditResult",
     "EncodedImage",
     "OutputFormat",
+    "OutputImage",
     "RequestAcceleration",
 ]
 
@@ -148,6 +150,65 @@ class EditRequest:
             match_input_size=edit.match_input_size,
             acceleration=edit.acceleration,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class OutputImage:
+    """One published output image: in the file store under ``file_key``, or inline as a
+    ``data:`` URI in ``url`` (``EditInput.inline_output``)."""
+
+    width: int
+    height: int
+    content_type: str  # image/jpeg | image/png
+    file_size: int
+    file_name: str
+    file_key: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EditOutput:
+    """What a succeeded edit published. ``Job.result`` holds ``to_record()`` (the JSON the
+    stores keep; its keys are those of the endpoint's output); ``Job.output`` reads it back.
+    ``nsfw_flags``: per image, whether the content check replaced it by a black image."""
+
+    images: tuple[OutputImage, ...]
+    seed: int
+    prompt: str
+    nsfw_flags: tuple[bool, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: inference, encode, ...
+    random_weights: bool = False  # True for tiny / dummy-full: outputs are noise
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "images": [
+                {name: getattr(image, name) for name in OutputImage.__dataclass_fields__}
+                for image in self.images
+            ],
+            "timings": dict(self.timings),
+            "seed": self.seed,
+            "has_nsfw_concepts": list(self.nsfw_flags),
+            "prompt": self.prompt,
+            "random_weights": self.random_weights,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> EditOutput:
+        """The inverse of ``to_record``; ``ValueError`` naming what is wrong otherwise."""
+        images = data.get("images")
+        if not isinstance(images, list) or not all(isinstance(i, dict) for i in images):
+            raise ValueError(f"an edit output's images must be a list of objects; got {images!r}")
+        try:
+            return cls(
+                images=tuple(OutputImage(**image) for image in images),
+                seed=int(data["seed"]),
+                prompt=str(data["prompt"]),
+                nsfw_flags=tuple(bool(flag) for flag in data.get("has_nsfw_concepts") or ()),
+                timings=dict(data.get("timings") or {}),
+                random_weights=bool(data.get("random_weights", False)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an edit output record: {exc}") from None
 
 
 @dataclass(frozen=True)

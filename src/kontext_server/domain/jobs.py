@@ -9,7 +9,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from kontext_server.domain.editing import EditInput
+from kontext_server.domain.editing import EditInput, EditOutput
 
 __all__ = [
     "PRIORITY_LOW",
@@ -112,6 +112,12 @@ class Job:
     upstream: dict[str, Any] | None = None
     api: str | None = None  # NewJob.api
     api_data: dict[str, Any] | None = None
+
+    @property
+    def output(self) -> EditOutput | None:
+        """``result`` read as an ``EditOutput`` (None without a result); ``ValueError`` when
+        the stored record is not one."""
+        return None if self.result is None else EditOutput.from_record(self.result)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from typing import Any, NoReturn, TypeVar
 from PIL import Image
 
 from kontext_server.config import Settings
-from kontext_server.domain.editing import EditInput, EncodedImage
+from kontext_server.domain.editing import EditInput, EditOutput, EncodedImage, OutputImage
 from kontext_server.domain.errors import EditCancelled, InputError
 from kontext_server.domain.jobs import Progress
 from kontext_server.files.base import FileStore
@@ -152,7 +152,7 @@ class BflEngine:
         self.limits = limits or BflLimits()
         self.capacity = self.limits.max_in_flight
 
-    def execute(self, ctx: JobContext) -> dict[str, Any]:
+    def execute(self, ctx: JobContext) -> EditOutput:
         return _Attempt(self, ctx).execute()
 
     def idle(self) -> None:
@@ -174,7 +174,7 @@ class _Attempt:
         self._statuses: dict[int, str] = {}
 
     # --- the stages ----------------------------------------------------------------------------
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> EditOutput:
         started = time.monotonic()
         model = BFL_MODELS.get(self.job.endpoint)
         if model is None:
@@ -185,15 +185,14 @@ class _Attempt:
         record = self._upstream_record(model)
         self._submit_missing(record)
         samples = self._poll_until_ready(record["tasks"])
-        images = [self._publish(index, url) for index, url in enumerate(samples)]
-        return {
-            "images": images,
-            "timings": {"inference": round(time.monotonic() - started, 3)},
-            "seed": record["seed"],
-            "has_nsfw_concepts": [False] * len(images),
-            "prompt": self.given.prompt,
-            "random_weights": False,
-        }
+        images = tuple(self._publish(index, url) for index, url in enumerate(samples))
+        return EditOutput(
+            images=images,
+            seed=record["seed"],
+            prompt=self.given.prompt,
+            nsfw_flags=(False,) * len(images),
+            timings={"inference": round(time.monotonic() - started, 3)},
+        )
 
     def _upstream_record(self, model: str) -> dict[str, Any]:
         """What an earlier attempt recorded, or a fresh record (seed drawn now, once)."""
@@ -322,7 +321,7 @@ class _Attempt:
         if not self.store.set_progress(self.job.id, self.ctx.worker_id, self.job.attempts, current):
             raise Abandoned
 
-    def _publish(self, index: int, sample_url: str) -> dict[str, Any]:
+    def _publish(self, index: int, sample_url: str) -> OutputImage:
         data = self._download(index, sample_url)
         try:
             with Image.open(io.BytesIO(data)) as image:

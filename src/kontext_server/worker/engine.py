@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kontext_server.domain.editing import EditResult, EncodedImage
+from kontext_server.domain.editing import EditOutput, EditResult, EncodedImage, OutputImage
 from kontext_server.domain.errors import KontextError
 from kontext_server.domain.jobs import Job
 from kontext_server.files.base import FileStore, new_file_key
@@ -106,8 +106,8 @@ class Engine(Protocol):
     @property
     def watchdog_s(self) -> float | None: ...
 
-    def execute(self, ctx: JobContext) -> dict[str, Any]:
-        """Run the claimed ``ctx.job``; returns ``Job.result`` (see the module docstring)."""
+    def execute(self, ctx: JobContext) -> EditOutput:
+        """Run the claimed ``ctx.job``; returns what it published (see the module docstring)."""
         ...
 
     def idle(self) -> None:
@@ -125,22 +125,22 @@ def publish_image(
     extension: str,
     *,
     inline: bool,
-) -> dict[str, Any]:
-    """One entry of ``Job.result["images"]``: the image stored in ``files``, or inline as a
-    data URI (``sync_mode``)."""
-    entry: dict[str, Any] = {
-        "width": image.width,
-        "height": image.height,
-        "content_type": image.content_type,
-        "file_size": len(image.data),
-    }
+) -> OutputImage:
+    """One output image: stored in ``files``, or inline as a data URI (``inline``)."""
     if inline:
         encoded = base64.b64encode(image.data).decode("ascii")
-        return entry | {
-            "file_key": None,
-            "url": f"data:{image.content_type};base64,{encoded}",
-            "file_name": f"{job.id}-{index}.{extension}",
-        }
-    key = new_file_key(job.id, job.attempts, index, extension)
-    files.put(key, image.data, image.content_type)
-    return entry | {"file_key": key, "url": None, "file_name": key.rsplit("/", 1)[-1]}
+        file_key, url = None, f"data:{image.content_type};base64,{encoded}"
+        file_name = f"{job.id}-{index}.{extension}"
+    else:
+        file_key, url = new_file_key(job.id, job.attempts, index, extension), None
+        files.put(file_key, image.data, image.content_type)
+        file_name = file_key.rsplit("/", 1)[-1]
+    return OutputImage(
+        width=image.width,
+        height=image.height,
+        content_type=image.content_type,
+        file_size=len(image.data),
+        file_name=file_name,
+        file_key=file_key,
+        url=url,
+    )

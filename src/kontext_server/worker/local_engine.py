@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image
 
 from kontext_server.core.uploads import read_own_file
 from kontext_server.domain.editing import (
     EditInput,
+    EditOutput,
     EditPipeline,
     EditRequest,
     EditResult,
@@ -151,7 +151,7 @@ class LocalEngine:
         self._io.shutdown(wait=True, cancel_futures=True)
         self._progress_io.shutdown(wait=True, cancel_futures=True)
 
-    def execute(self, ctx: JobContext) -> dict[str, Any]:
+    def execute(self, ctx: JobContext) -> EditOutput:
         """``Job.result`` of the edit; a stop that is the drain's (not a cancel) hands the
         job back."""
         try:
@@ -161,7 +161,7 @@ class LocalEngine:
                 raise HandBack from None
             raise
 
-    def _edit(self, ctx: JobContext) -> dict[str, Any]:
+    def _edit(self, ctx: JobContext) -> EditOutput:
         job = ctx.job
         progress = _ProgressWriter(self.store, job, ctx.worker_id, self._progress_io)
         fetched_ahead = self._prefetch.take(job)  # whatever happens next, the entry goes
@@ -323,20 +323,20 @@ class LocalEngine:
         result: EditResult,
         nsfw_flags: list[bool],
         inline: bool,
-    ) -> dict[str, Any]:
-        """Store the images (or inline them for sync_mode) and build ``Job.result``."""
-        images = [
+    ) -> EditOutput:
+        """Store the images (or inline them) and say what was published."""
+        images = tuple(
             publish_image(self.files, job, index, image, image.extension, inline=inline)
             for index, image in enumerate(result.images)
-        ]
-        return {
-            "images": images,
-            "timings": result.timings,
-            "seed": result.seed,
-            "has_nsfw_concepts": nsfw_flags,
-            "prompt": request.prompt,
-            "random_weights": result.random_weights,
-        }
+        )
+        return EditOutput(
+            images=images,
+            seed=result.seed,
+            prompt=request.prompt,
+            nsfw_flags=tuple(nsfw_flags),
+            timings=result.timings,
+            random_weights=result.random_weights,
+        )
 
 
 # --- input prefetch ----------------------------------------------------------------------------

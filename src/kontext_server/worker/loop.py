@@ -293,7 +293,7 @@ class WorkerLoop(Generic[EngineT]):
         None (abandoned)."""
         job = ctx.job
         try:
-            return JobStatus.SUCCEEDED, {"result": self.engine.execute(ctx)}
+            return JobStatus.SUCCEEDED, {"result": self.engine.execute(ctx).to_record()}
         except Abandoned:
             return None, {}
         except HandBack:

@@ -79,8 +79,12 @@ def bfl_status(job: Job) -> str:
 
 
 def _output_flagged(job: Job) -> bool:
-    flags = (job.result or {}).get("has_nsfw_concepts") or []
-    return bool(flags) and all(flag is True for flag in flags)
+    try:
+        output = job.output
+    except ValueError:  # a result that is not an edit output: nothing says it was flagged
+        return False
+    flags = output.nsfw_flags if output is not None else ()
+    return bool(flags) and all(flags)
 
 
 def bfl_progress(job: Job) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kontext_server.domain.editing import OutputImage
 from kontext_server.domain.jobs import Job, JobStatus
 from kontext_server.files.base import FileStore
 
@@ -17,18 +18,28 @@ log = logging.getLogger(__name__)
 def render_output(job: Job, base_url: str, files: FileStore) -> dict[str, Any]:
     """The endpoint's output JSON (PROTOCOL.md §8) of a succeeded job: every stored image
     gets a ``url`` under ``base_url`` (where the client reached this server)."""
-    if job.result is None:
+    output = job.output
+    if output is None:
         raise ValueError(f"job {job.id} has no result (status {job.status})")
-    output = dict(job.result)
-    output["images"] = [_render_image(image, base_url, files) for image in job.result["images"]]
-    return output
+    return {
+        "images": [_render_image(image, base_url, files) for image in output.images],
+        "timings": output.timings,
+        "seed": output.seed,
+        "has_nsfw_concepts": list(output.nsfw_flags),
+        "prompt": output.prompt,
+        "random_weights": output.random_weights,
+    }
 
 
-def _render_image(image: dict[str, Any], base_url: str, files: FileStore) -> dict[str, Any]:
-    rendered = {k: v for k, v in image.items() if k != "file_key"}
-    if image.get("file_key"):
-        rendered["url"] = files.url(image["file_key"], base_url)
-    return rendered
+def _render_image(image: OutputImage, base_url: str, files: FileStore) -> dict[str, Any]:
+    return {
+        "url": files.url(image.file_key, base_url) if image.file_key else image.url,
+        "width": image.width,
+        "height": image.height,
+        "content_type": image.content_type,
+        "file_name": image.file_name,
+        "file_size": image.file_size,
+    }
 
 
 def webhook_payload(job: Job, files: FileStore) -> dict[str, Any]:

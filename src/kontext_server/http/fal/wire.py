@@ -125,8 +125,11 @@ def status_body(
 
 
 def _metrics(job: Job) -> dict[str, float]:
-    timings = (job.result or {}).get("timings") or {}
-    inference_s = timings.get("inference")
+    try:
+        output = job.output
+    except ValueError:  # not an edit output: no figures to report
+        return {}
+    inference_s = None if output is None else output.timings.get("inference")
     if job.status is JobStatus.SUCCEEDED and isinstance(inference_s, int | float):
         return {"inference_time": float(inference_s)}
     return {}
