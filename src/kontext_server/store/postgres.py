@@ -76,6 +76,7 @@ from kontext_server.store.rows import (
     deliveries_from_rows,
     job_from_row,
     job_insert_values,
+    new_job,
     purged_from_row,
     queue_depth_from_row,
 )
@@ -95,11 +96,12 @@ PREPARE_THRESHOLD = 1  # psycopg prepares a statement on its second run on a con
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
 # The notification is sent when (and only if) the insert commits. ``RETURNING *``: the row as
 # stored (seq, defaults). No queue position here: ``QueueRanks`` answers it from memory.
+# The row is known but for its seq: only that comes back (no row to send and decode).
 _INSERT_JOB_SQL = (
     f"WITH inserted AS ({PYFORMAT.insert_job}"
     " ON CONFLICT (coalesce(owner, ''), idempotency_key)"
-    " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
-    f" SELECT i.*, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted AS i"
+    " WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING seq)"
+    f" SELECT i.seq, pg_notify('{NOTIFY_CHANNEL}', '') FROM inserted AS i"
 )
 # statements.FENCE with named parameters, for the statements that also name others.
 _FENCE = (
@@ -404,9 +406,10 @@ class PostgresJobStore(SqlJobStore):
 
     # --- API side ---------------------------------------------------------------------------------
     def submit(self, job: NewJob) -> tuple[Job, bool]:
+        now = self._clock()
         with self._connection() as conn:
-            (row,) = self._insert_all(conn, [job])
-            done = self._submitted(conn, job, row, with_position=False)
+            (row,) = self._insert_all(conn, [job], now)
+            done = self._submitted(conn, job, row, now, with_position=False)
         self._note_submitted([done])
         return done.job, done.created
 
@@ -416,38 +419,47 @@ class PostgresJobStore(SqlJobStore):
         if not jobs:
             return []
         self._ranks.prepare()  # its picture must predate these inserts
+        now = self._clock()
         if len(jobs) == 1:  # one statement in autocommit: one round trip
             with self._connection() as conn:
-                (row,) = self._insert_all(conn, jobs)
-                done = [self._submitted(conn, jobs[0], row)]
+                (row,) = self._insert_all(conn, jobs, now)
+                done = [self._submitted(conn, jobs[0], row, now)]
         else:
             with self._transaction() as conn:
-                rows = self._insert_all(conn, jobs)
+                rows = self._insert_all(conn, jobs, now)
                 pairs = zip(jobs, rows, strict=True)
-                done = [self._submitted(conn, job, row) for job, row in pairs]
+                done = [self._submitted(conn, job, row, now) for job, row in pairs]
         # In order: each job's position counts the jobs noted before it, not those after.
         created = [one.job for one in done if one.created]
         ahead = iter(self._ranks.queued_positions((j.engine, j.priority, j.seq) for j in created))
         return [Submitted(one.job, True, next(ahead)) if one.created else one for one in done]
 
-    def _insert_all(self, conn: Connection, jobs: Sequence[NewJob]) -> list[DictRow | None]:
-        """Each job's inserted row, or ``None`` where its idempotency key was taken."""
+    def _insert_all(
+        self, conn: Connection, jobs: Sequence[NewJob], now: float
+    ) -> list[DictRow | None]:
+        """Each inserted job's ``seq``, or ``None`` where its idempotency key was taken."""
         if len(jobs) == 1:
-            return [conn.execute(_INSERT_JOB_SQL, self._insert_values(jobs[0])).fetchone()]
+            return [conn.execute(_INSERT_JOB_SQL, self._insert_values(jobs[0], now)).fetchone()]
         with conn.pipeline():
-            cursors = [conn.execute(_INSERT_JOB_SQL, self._insert_values(job)) for job in jobs]
+            cursors = [conn.execute(_INSERT_JOB_SQL, self._insert_values(job, now)) for job in jobs]
         return [cursor.fetchone() for cursor in cursors]
 
-    def _insert_values(self, job: NewJob) -> tuple[Any, ...]:
-        return job_insert_values(job, self._clock(), Jsonb)
+    def _insert_values(self, job: NewJob, now: float) -> tuple[Any, ...]:
+        return job_insert_values(job, now, Jsonb)
 
     def _submitted(
-        self, conn: Connection, job: NewJob, row: DictRow | None, *, with_position: bool = True
+        self,
+        conn: Connection,
+        job: NewJob,
+        row: DictRow | None,
+        now: float,
+        *,
+        with_position: bool = True,
     ) -> Submitted:
         """The outcome of one insert (position still 0); an idempotency conflict reads the
         earlier job, or inserts again if that one was purged meanwhile."""
         if row is not None:
-            return Submitted(job_from_row(row), True, 0)
+            return Submitted(new_job(job, row["seq"], now), True, 0)
         return self._submit_one(conn, job, with_position=with_position)
 
     def _submit_one(
@@ -463,9 +475,10 @@ class PostgresJobStore(SqlJobStore):
                 found = job_from_row(existing)
                 ahead = self.queue_position_of(found) if with_position else None
                 return Submitted(found, False, ahead or 0)
-            row = conn.execute(_INSERT_JOB_SQL, self._insert_values(job)).fetchone()
+            now = self._clock()
+            row = conn.execute(_INSERT_JOB_SQL, self._insert_values(job, now)).fetchone()
             if row is not None:
-                return Submitted(job_from_row(row), True, 0)
+                return Submitted(new_job(job, row["seq"], now), True, 0)
         raise StoreError(f"cannot insert job {job.id!r}: its idempotency key kept conflicting")
 
     def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
