@@ -8,8 +8,11 @@ import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from kontext_server.domain.editing import EDIT_INPUT_VERSION, EditInput
 from kontext_server.domain.jobs import NewJob
+from kontext_server.store import inputs
 from kontext_server.store.base import JobStore
 
 if TYPE_CHECKING:
@@ -58,11 +61,11 @@ def _raw(backend: Backend, url: str, sql: str, params: tuple[Any, ...] = ()) -> 
         return cursor.fetchall() if cursor.description else []
 
 
-def _make_old(backend: Backend, url: str, job_id: str) -> None:
-    """The job's row as an older kontext-server wrote it, in a store at schema v3."""
-    _raw(
-        backend, url, "UPDATE jobs SET input = ? WHERE id = ?", (json.dumps(OLD_BFL_INPUT), job_id)
-    )
+def _make_old(backend: Backend, url: str, *job_ids: str) -> None:
+    """The jobs' rows as an older kontext-server wrote them, in a store at schema v3."""
+    for job_id in job_ids:
+        old = json.dumps(OLD_BFL_INPUT)
+        _raw(backend, url, "UPDATE jobs SET input = ? WHERE id = ?", (old, job_id))
     _raw(backend, url, "DELETE FROM schema_version WHERE version = 4")
 
 
@@ -76,21 +79,26 @@ def test_an_old_row_is_read_as_before_and_rewritten_when_the_store_opens(
     store_url: str,
     open_store: Callable[[], JobStore],
     make_job: Callable[..., NewJob],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = open_store()
-    old, new = (store.submit_many([make_job()])[0].job for _ in range(2))
-    _make_old(backend, store_url, old.id)
+    jobs = [store.submit_many([make_job()])[0].job for _ in range(7)]
+    old, new = jobs[::2], jobs[1::2]  # interleaved: batches skip the new rows
+    _make_old(backend, store_url, *(job.id for job in old))
 
-    read = store.get(old.id)  # a process that opened the store before: still readable
+    read = store.get(old[0].id)  # a process that opened the store before: still readable
     assert read is not None and read.input == AS_EDIT
     assert (read.api, read.api_data) == ("bfl", {"webhook_secret": "shh"})
 
-    reopened = open_store()  # the migration rewrites the old row, and only it
-    stored = _stored(backend, store_url, old.id)
-    assert stored["v"] == EDIT_INPUT_VERSION and "image_urls" not in stored
-    assert _stored(backend, store_url, new.id) == new.input.to_record()
-    again = reopened.get(old.id)
-    assert again is not None and again.input == AS_EDIT
-    assert (again.api, again.api_data) == ("bfl", {"webhook_secret": "shh"})
+    monkeypatch.setattr(inputs, "UPGRADE_BATCH", 2)  # four old rows: two batches and more
+    reopened = open_store()  # the migration rewrites the old rows, and only them
+    for job in old:
+        stored = _stored(backend, store_url, job.id)
+        assert stored["v"] == EDIT_INPUT_VERSION and "image_urls" not in stored
+        again = reopened.get(job.id)
+        assert again is not None and again.input == AS_EDIT
+        assert (again.api, again.api_data) == ("bfl", {"webhook_secret": "shh"})
+    for job in new:
+        assert _stored(backend, store_url, job.id) == job.input.to_record()
     versions = _raw(backend, store_url, "SELECT version FROM schema_version ORDER BY version")
     assert [version for (version,) in versions][-1] == 4

@@ -132,8 +132,11 @@ _V3: tuple[str, ...] = (
 # v4: the typed edit input (store/inputs.py): old rows' fal-shaped input rewritten.
 _V4: tuple[Migration, ...] = (
     InputsUpgrade(
-        select_old="SELECT id, input::text AS input FROM jobs WHERE input -> 'v' IS NULL LIMIT 500",
-        update="UPDATE jobs SET input = %s::jsonb WHERE id = %s",
+        select_old="SELECT seq, input::text AS input FROM jobs WHERE seq > %s"
+        " AND input -> 'v' IS NULL ORDER BY seq LIMIT %s",
+        update="UPDATE jobs SET input = u.input::jsonb"
+        " FROM unnest(%s::text[], %s::bigint[]) AS u(input, seq) WHERE jobs.seq = u.seq",
+        batched=True,
     ),
 )
 

@@ -228,8 +228,9 @@ _V3: tuple[str, ...] = (
 # v4: the typed edit input (store/inputs.py): old rows' fal-shaped input rewritten.
 _V4: tuple[Migration, ...] = (
     InputsUpgrade(
-        select_old="SELECT id, input FROM jobs WHERE json_extract(input, '$.v') IS NULL LIMIT 500",
-        update="UPDATE jobs SET input = ? WHERE id = ?",
+        select_old="SELECT seq, input FROM jobs WHERE seq > ? AND json_extract(input, '$.v')"
+        " IS NULL ORDER BY seq LIMIT ?",
+        update="UPDATE jobs SET input = ? WHERE seq = ?",
     ),
 )
 
