@@ -4,6 +4,7 @@ typed edit output."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -37,8 +38,12 @@ FULL = EditInput(
 
 def test_record_round_trips_through_json() -> None:
     record = json.loads(json.dumps(FULL.to_record()))
+    assert set(record) == {"v", *EditInput.__dataclass_fields__}  # every field is kept
     assert record["v"] == EDIT_INPUT_VERSION
     assert EditInput.from_record(record) == FULL
+    own_size = replace(FULL, aspect_ratio=None, match_input_size=True)
+    assert EditInput.from_record(json.loads(json.dumps(own_size.to_record()))) == own_size
+    assert EditRequest.of(own_size, []).match_input_size is True
 
 
 def test_defaults_live_in_one_place() -> None:

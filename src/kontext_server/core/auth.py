@@ -239,12 +239,14 @@ class Authenticator:
         self.throttle.check(client_host)
         key = _required_key(authorization)
         key_hash = hash_api_key(key)
-        api_key = self.keys.get(key_hash) or self._store.find_api_key(key_hash)
+        cached = self.keys.get(key_hash)
+        api_key = cached or self._store.find_api_key(key_hash)
         # The lookup is by hash; confirming the id part in constant time costs nothing.
         if api_key is None or (":" in key and not _same(api_key.id, key.partition(":")[0])):
             self.throttle.record_failure(client_host)
             raise AuthError(401, "Invalid API key: it is unknown or has been revoked")
-        self.keys.put(key_hash, api_key)
+        if cached is None:  # trusted for key_cache_s from this read, never longer
+            self.keys.put(key_hash, api_key)
         return Principal(owner=api_key.id)
 
     def authenticate_from_cache(

@@ -42,7 +42,7 @@ DEFAULT_GUIDANCE_SCALE: Final = 3.5  # FLUX.1 Kontext's distilled guidance (fal'
 SAFETY_TOLERANCES: Final = (1, 2, 3, 4, 5, 6)  # 1 strictest, 6 most permissive
 DEFAULT_SAFETY_TOLERANCE: Final = 2
 # The version of ``EditInput.to_record()``; rows without one are the older fal-shaped input
-# (``store/legacy.py`` reads them).
+# (``store/inputs.py`` reads them).
 EDIT_INPUT_VERSION: Final = 1
 
 

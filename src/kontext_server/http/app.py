@@ -40,7 +40,7 @@ from kontext_server.http.files import files_router
 from kontext_server.http.openai.routes import openai_router
 from kontext_server.http.ops import AccessLogMiddleware, ReadinessCheck, ops_router
 from kontext_server.http.playground import playground_router
-from kontext_server.http.services import WEBHOOK_KEY_FILE, ApiServices
+from kontext_server.http.services import ApiServices
 from kontext_server.http.wellknown import wellknown_router
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.base import JobStore
@@ -49,7 +49,6 @@ from kontext_server.webhooks.signing import WebhookSigner
 __all__ = [
     "CORS_ALLOWED_HEADERS",
     "NETWORK_STORE_SWITCH_INTERVAL_S",
-    "WEBHOOK_KEY_FILE",
     "AppOptions",
     "build_app",
     "create_app",
@@ -157,7 +156,6 @@ def build_app(services: ApiServices, **options: Unpack[AppOptions]) -> FastAPI:
     )
     app.state.services = services
     app.state.context = _context(services, options)
-    app.state.signer = services.signer
     checks = [*options.get("readiness_checks", ())]
     ops = ops_router(services.store, multiprocess_dir=options.get("metrics_dir"), checks=checks)
     _install_routes(app, ops)

@@ -19,5 +19,5 @@ def wellknown_router() -> APIRouter:
 
 def jwks(request: Request) -> dict[str, Any]:
     """JWKS of the Ed25519 key that signs webhooks (PROTOCOL.md §9)."""
-    signer: WebhookSigner = request.app.state.signer
+    signer: WebhookSigner = request.app.state.services.signer
     return signer.jwks()

@@ -53,7 +53,7 @@ def encode_input(
 ) -> dict[str, Any]:
     """The JSON of the ``input`` column."""
     record = edit.to_record()
-    if api is not None:
+    if api is not None or api_data is not None:
         record["api"] = api
         record["api_data"] = dict(api_data) if api_data is not None else None
     return record
@@ -101,10 +101,10 @@ class InputsUpgrade:
             after = seqs[-1]
 
 
-def _upgraded_text(data: Any) -> str:
-    new = upgrade_record(json.loads(data) if isinstance(data, str | bytes) else data)
+def _upgraded_text(text: str) -> str:
+    new = upgrade_record(json.loads(text))
     assert new is not None, "the select returns old rows only"
-    return json.dumps(new, separators=(",", ":"))
+    return json.dumps(new, separators=(",", ":"), ensure_ascii=False)  # as rows.dumps writes
 
 
 def _legacy_edit(data: Mapping[str, Any]) -> EditInput:

@@ -94,9 +94,9 @@ CHECK_IDLE_S = 1.0  # a pooled connection idle longer is checked (a round trip) 
 _ARRAY_SLICE = 8 * 32_768  # bytes of seqs converted per GIL hold (32k jobs)
 PREPARE_THRESHOLD = 1  # psycopg prepares a statement on its second run on a connection
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
-# The notification is sent when (and only if) the insert commits. ``RETURNING *``: the row as
-# stored (seq, defaults). No queue position here: ``QueueRanks`` answers it from memory.
-# The row is known but for its seq: only that comes back (no row to send and decode).
+# The notification is sent when (and only if) the insert commits. The row is known but for its
+# seq: only that comes back (no row to send and decode). No queue position here:
+# ``QueueRanks`` answers it from memory.
 _INSERT_JOB_SQL = (
     f"WITH inserted AS ({PYFORMAT.insert_job}"
     " ON CONFLICT (coalesce(owner, ''), idempotency_key)"

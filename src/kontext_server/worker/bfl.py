@@ -17,30 +17,11 @@ from kontext_server.files.base import FileStore
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store import open_configured_store
 from kontext_server.store.base import JobStore
-from kontext_server.worker.bfl_client import BflClient, UpstreamFailure
-from kontext_server.worker.bfl_engine import (
-    BFL_ENGINE,
-    BFL_MAX_REFERENCE_IMAGES,
-    BFL_MODELS,
-    CONTENT_POLICY_ERROR_TYPE,
-    BflEngine,
-    BflLimits,
-    bfl_request_body,
-)
+from kontext_server.worker.bfl_client import BflClient
+from kontext_server.worker.bfl_engine import BFL_ENGINE, BflEngine, BflLimits, bfl_request_body
 from kontext_server.worker.loop import WorkerLoop, default_worker_id, run_until_signalled
 
-__all__ = [
-    "BFL_ENGINE",
-    "BFL_MAX_REFERENCE_IMAGES",
-    "BFL_MODELS",
-    "CONTENT_POLICY_ERROR_TYPE",
-    "BflClient",
-    "BflLimits",
-    "BflWorker",
-    "UpstreamFailure",
-    "bfl_request_body",
-    "run_bfl_worker",
-]
+__all__ = ["BflClient", "BflLimits", "BflWorker", "bfl_request_body", "run_bfl_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +43,6 @@ class BflWorker(WorkerLoop[BflEngine]):
     ) -> None:
         engine = BflEngine(store, files, client, fetcher, limits=limits)
         super().__init__(store, engine, worker_id=worker_id)
-        self.limits = engine.limits
 
 
 def run_bfl_worker(settings: Settings, worker_id: str | None = None) -> None:

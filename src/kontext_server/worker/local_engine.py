@@ -4,7 +4,7 @@ For one job it reads the stored input (``read_local_input``), checks the prompt,
 decodes the reference images (``SafeFetcher``, or this server's own files from the file
 store), runs the edit with throttled progress writes and a stop check between denoising
 steps, screens the outputs, and publishes the images (file store, or inline for
-``sync_mode``). One job at a time, in the worker loop's thread (``worker.loop``).
+``inline_output``). One job at a time, in the worker loop's thread (``worker.loop``).
 
 **Input prefetch** (``RunnerLimits.prefetch_jobs``): once the job in hand has its own
 reference images, the engine looks at the next queued job(s) (``JobStore.peek_queued``) and

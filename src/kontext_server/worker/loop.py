@@ -51,7 +51,7 @@ from kontext_server.worker.engine import (
 )
 from kontext_server.worker.exit_codes import EXIT_EXECUTION_TIMEOUT
 
-__all__ = ["STORE_RETRY_S", "WorkerLoop", "default_worker_id", "run_until_signalled"]
+__all__ = ["WorkerLoop", "default_worker_id", "run_until_signalled"]
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +238,9 @@ class WorkerLoop(Generic[EngineT]):
         """Stop claiming now. The jobs in hand may run ``timeout_s`` more; then they are
         stopped at their next check and handed back to the queue (their place kept, the
         attempt not counted). Safe to call from a signal handler; a later call can only
-        shorten the time."""
+        shorten the time. (Nothing here takes a lock: a waiting loop sees the drain at its
+        next wake, within ``idle_wait_s``.)"""
         self._drain.request(timeout_s)
-        self._slot_freed.set()
 
     @property
     def draining(self) -> bool:
@@ -273,8 +273,9 @@ class WorkerLoop(Generic[EngineT]):
                 if status is None:
                     log.info("job %s abandoned: its lease moved to another worker", job.id)
                     return
-                if lease.lost.is_set():
-                    return  # another attempt owns the job now; our write would be refused
+                if lease.lost.is_set():  # another attempt owns the job: a write would be refused
+                    log.info("job %s not recorded: its lease moved to another worker", job.id)
+                    return
                 recorded = self._record(job, status, fields)
                 if self.metrics and recorded and status is not JobStatus.QUEUED:
                     run_s = time.perf_counter() - started
@@ -358,7 +359,7 @@ def run_until_signalled(loop: WorkerLoop[Any], *, drain_timeout_s: float) -> Non
         signals_seen += 1
         timeout_s = drain_timeout_s if signals_seen == 1 else 0.0
         log.info(
-            "worker %s: signal %d, draining (the job in hand has %.1f s to finish)",
+            "worker %s: signal %d, draining (the jobs in hand have %.1f s to finish)",
             loop.worker_id,
             signum,
             timeout_s,

@@ -17,12 +17,11 @@ from kontext_server.files.base import FileStore
 from kontext_server.metrics import JobMetrics
 from kontext_server.net.fetch import SafeFetcher
 from kontext_server.store.base import JobStore
-from kontext_server.worker.engine import EXECUTION_TIMEOUT_ERROR_TYPE
 from kontext_server.worker.local_engine import LocalEngine, RunnerLimits
 from kontext_server.worker.loop import WorkerLoop
 from kontext_server.worker.safety_policy import ContentSafety
 
-__all__ = ["EXECUTION_TIMEOUT_ERROR_TYPE", "JobRunner", "RunnerLimits"]
+__all__ = ["JobRunner", "RunnerLimits"]
 
 
 class JobRunner(WorkerLoop[LocalEngine]):
@@ -53,4 +52,3 @@ class JobRunner(WorkerLoop[LocalEngine]):
         super().__init__(
             store, engine, worker_id=worker_id, metrics=metrics, exit_process=exit_process
         )
-        self.limits = engine.limits

@@ -125,12 +125,12 @@ def status_body(
 
 
 def _metrics(job: Job) -> dict[str, float]:
-    try:
-        output = job.output
-    except ValueError:  # not an edit output: no figures to report
+    """Read from the result record as it is (every poll of a finished job asks)."""
+    if job.status is not JobStatus.SUCCEEDED or not isinstance(job.result, dict):
         return {}
-    inference_s = None if output is None else output.timings.get("inference")
-    if job.status is JobStatus.SUCCEEDED and isinstance(inference_s, int | float):
+    timings = job.result.get("timings")
+    inference_s = timings.get("inference") if isinstance(timings, dict) else None
+    if isinstance(inference_s, int | float):
         return {"inference_time": float(inference_s)}
     return {}
 
