@@ -64,11 +64,23 @@ def test_each_answered_job_is_the_stored_row(store: JobStore, make_job: MakeJob)
         make_job(owner="key-1", webhook_url="https://hooks.example.com/x", max_attempts=5),
         make_job(priority=PRIORITY_LOW, start_deadline_at=1_700_000_060.0, engine="bfl"),
         make_job(input=UNICODE_EDIT),
+        make_job(
+            owner="key-2",
+            idempotency_key="idem-1",
+            retention_s=60.0,
+            base_url="https://api.example.com/",
+            api="bfl",
+            api_data={"webhook_secret": "s3cr\u00e9t"},
+        ),
+        make_job(),  # every optional column NULL, amid rows that set them
     ]
 
     answers = store.submit_many(jobs)
 
     assert [answer.job for answer in answers] == [store.get(job.id) for job in jobs]
+    assert answers[3].job.api_data == {"webhook_secret": "s3cr\u00e9t"}
+    (again,) = store.submit_many([make_job(owner="key-2", idempotency_key="idem-1")])
+    assert (again.created, again.job.id) == (False, jobs[3].id)
 
 
 def test_positions_count_the_queue_and_earlier_jobs_of_the_batch(
