@@ -20,6 +20,7 @@ from kontext_server.domain.editing import EditInput
 from kontext_server.domain.errors import StoreError
 from kontext_server.domain.jobs import JobStatus, NewJob
 from kontext_server.store import open_store
+from kontext_server.store import postgres as postgres_module
 from kontext_server.store.postgres import PostgresJobStore
 from kontext_server.store.postgres_schema import SCHEMA_VERSION
 
@@ -159,3 +160,28 @@ def test_json_payloads_round_trip(store: PostgresJobStore) -> None:
     got = store.get(job.id)
     assert got is not None
     assert got.input == payload
+
+
+def test_queue_positions_load_a_long_line_in_chunks(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The positions' picture comes in rows of at most ``_SEQ_CHUNK`` seqs (here 4): a line
+    cut into chunks, with gaps left by claims, answers what a count of the table answers."""
+    monkeypatch.setattr(postgres_module, "_SEQ_CHUNK", 4)
+    writer = PostgresJobStore(database_url)
+    reader = PostgresJobStore(database_url)  # another process: knows only what it loads
+    try:
+        jobs = [answer.job for answer in writer.submit_many([new_job() for _ in range(23)])]
+        for _ in range(3):
+            assert writer.claim("worker-1", 30.0) is not None
+        writer.request_cancel(jobs[9].id)  # a queued job: canceled at once
+        queued = [job for job in jobs[3:] if job.id != jobs[9].id]
+        lines = reader._queued_lines()
+        assert len(lines) > 3
+        assert all(len(seqs) <= 4 for _, _, seqs in lines)
+        assert [seq for _, _, seqs in lines for seq in seqs] == [job.seq for job in queued]
+        for ahead, job in enumerate(queued):
+            assert reader.queue_position(job.id) == ahead
+    finally:
+        writer.close()
+        reader.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
+from array import array
 
-from kontext_server.store.queue_ranks import QueueRanks
+from kontext_server.store.queue_ranks import QueueRanks, SortedSeqs
 
 
 class Table:
@@ -91,3 +93,36 @@ def test_changes_noted_while_a_load_runs_survive_it() -> None:
         assert ranks.position("local", 0, 4) == 2
     finally:
         ranks.close()
+
+
+def test_sorted_seqs_count_and_find_across_chunk_boundaries() -> None:
+    seqs = [2, 3, 5, 8, 13, 21, 34, 55]
+    chunked = SortedSeqs(
+        [array("q", [2, 3, 5]), array("q"), array("q", [8]), array("q", [13, 21, 34, 55])]
+    )
+    assert len(chunked) == len(seqs)
+    for probe in range(0, 60):
+        assert chunked.bisect_left(probe) == bisect.bisect_left(seqs, probe), probe
+        assert (probe in chunked) == (probe in seqs), probe
+    empty = SortedSeqs([])
+    assert (len(empty), empty.bisect_left(7), 7 in empty) == (0, 0, False)
+
+
+def test_a_line_loaded_in_chunks_answers_as_one_loaded_whole() -> None:
+    seqs = list(range(1, 200, 3))
+    lines = [("local", 0, seqs[i : i + 7]) for i in range(0, len(seqs), 7)]
+    chunked = QueueRanks(lambda: lines, max_age_s=60)
+    whole = QueueRanks(lambda: [("local", 0, seqs)], max_age_s=60)
+    try:
+        for ranks in (chunked, whole):
+            assert ranks.position("local", 0, seqs[-1]) == len(seqs) - 1  # loads the picture
+            ranks.note_left("local", 0, seqs[10])  # in a chunk's middle
+            ranks.note_left("local", 0, seqs[7])  # a chunk's first
+            ranks.note_queued("local", 0, 500)
+        for seq in [*seqs, 500]:
+            assert chunked.position("local", 0, seq) == whole.position("local", 0, seq), seq
+        assert chunked.depth() == whole.depth() == len(seqs) - 1  # two left, one came
+        assert chunked.position("local", 0, 500) == len(seqs) - 2
+    finally:
+        chunked.close()
+        whole.close()

@@ -92,7 +92,7 @@ CONNECT_TIMEOUT_S = 5
 PROBE_TIMEOUT_S = 2  # connecting to see whether the server is back (libpq's smallest timeout)
 _ACQUIRE_SLICE_S = 0.1  # waiting for a pooled connection: how often to look for an outage
 CHECK_IDLE_S = 1.0  # a pooled connection idle longer is checked (a round trip) before use
-_ARRAY_SLICE = 8 * 32_768  # bytes of seqs converted per GIL hold (32k jobs)
+_SEQ_CHUNK = 32_768  # seqs per row of the queue positions' load (at most 256 kB: one GIL hold)
 PREPARE_THRESHOLD = 1  # psycopg prepares a statement on its second run on a connection
 _SUBMIT_TRIES = 3  # an idempotency conflict whose job is purged before we read it: insert again
 # Submits, one or a batch, in one statement in autocommit (one round trip, one commit): each
@@ -156,18 +156,11 @@ _ADAPTERS.register_loader("jsonb", TextLoader)
 
 
 def _int8_array(big_endian: bytes) -> array[int]:
-    """8-byte big-endian signed integers (PostgreSQL's ``int8send``) as an ``array``, in
-    slices of ``_ARRAY_SLICE`` bytes with a GIL release between them: 1M jobs are 8 MB, and
-    one copy and byte swap of it would hold the GIL for milliseconds, stalling the threads
-    that answer polls meanwhile."""
+    """8-byte big-endian signed integers (PostgreSQL's ``int8send``) as an ``array``."""
     seqs = array("q")
-    for start in range(0, len(big_endian), _ARRAY_SLICE):
-        part = array("q")
-        part.frombytes(memoryview(big_endian)[start : start + _ARRAY_SLICE])
-        if sys.byteorder == "little":
-            part.byteswap()
-        seqs.extend(part)
-        time.sleep(0)  # let a waiting thread have the GIL
+    seqs.frombytes(big_endian)
+    if sys.byteorder == "little":
+        seqs.byteswap()
     return seqs
 
 
@@ -494,21 +487,22 @@ class PostgresJobStore(SqlJobStore):
         raise StoreError(f"cannot insert job {job.id!r}: its idempotency key kept conflicting")
 
     def _queued_lines(self) -> list[tuple[str, int, array[int]]]:
-        """Every queued job's seq, by line (``QueueRanks``' loader): one statement, each
-        line's seqs as one string of 8-byte big-endian integers, in binary (no hex to
-        decode), turned into an array in C (a Python int per job would hold the GIL ~10 ms
-        per 100k jobs)."""
+        """Every queued job's seq, by line (``QueueRanks``' loader): one statement; each
+        line in chunks of at most ``_SEQ_CHUNK`` seqs (a range of seqs each), every chunk one
+        string of 8-byte big-endian integers in binary, turned into an array in C (a Python
+        int per job would hold the GIL ~10 ms per 100k jobs). The rows are streamed, one
+        chunk at a time: at 1M queued, one 8 MB value made libpq and psycopg hold the GIL
+        ~5 ms at once receiving and copying it (a stall of every status poll meanwhile)."""
+        query = (
+            "SELECT engine, priority, string_agg(int8send(seq), ''::bytea ORDER BY seq) AS seqs"
+            f" FROM jobs WHERE status = 'queued' GROUP BY engine, priority, seq / {_SEQ_CHUNK}"
+            f" ORDER BY engine, priority, seq / {_SEQ_CHUNK}"
+        )
         with self._connection() as conn:
-            rows = (
-                conn.cursor(binary=True)
-                .execute(
-                    "SELECT engine, priority,"
-                    " string_agg(int8send(seq), ''::bytea ORDER BY seq) AS seqs"
-                    " FROM jobs WHERE status = 'queued' GROUP BY engine, priority"
-                )
-                .fetchall()
-            )
-        return [(row["engine"], row["priority"], _int8_array(row["seqs"])) for row in rows]
+            return [
+                (row["engine"], row["priority"], _int8_array(row["seqs"]))
+                for row in conn.cursor(binary=True).stream(query)
+            ]
 
     def queue_depth(self) -> int:
         """From ``QueueRanks`` (no count of the table: submit's queue limits ask it for every

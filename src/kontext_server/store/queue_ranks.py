@@ -35,7 +35,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable
 
-__all__ = ["DEFAULT_MAX_AGE_S", "Line", "QueueRanks"]
+__all__ = ["DEFAULT_MAX_AGE_S", "Line", "QueueRanks", "SortedSeqs"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,43 @@ LOAD_SHARE_FACTOR = 4.0  # the refresher pauses at least this many loads' time b
 
 Line = tuple[str, int]  # (engine, priority): one line of the queue, served by seq
 Loader = Callable[[], Iterable[tuple[str, int, Iterable[int]]]]
-"""Every queued job's (engine, priority, seqs sorted ascending), one tuple per line."""
+"""Every queued job's (engine, priority, seqs sorted ascending), one tuple per line or several
+(a line's chunks, in ascending order, each above the one before: a loader cuts a long line
+so that no single allocation or copy holds the GIL for long)."""
+
+
+class SortedSeqs:
+    """A line's seqs as loaded: sorted chunks kept as they came (no 8 MB array built out of
+    them at 1M jobs: its growth and copy held the GIL ~5 ms, a stall of every status poll).
+    A position is a binary search among the chunks' first seqs, then one within a chunk."""
+
+    __slots__ = ("_chunks", "_firsts", "_length", "_starts")
+
+    def __init__(self, chunks: Iterable[array[int]]) -> None:
+        self._chunks = [chunk for chunk in chunks if len(chunk)]
+        self._firsts = array("q", (chunk[0] for chunk in self._chunks))
+        self._starts = array("q")
+        total = 0
+        for chunk in self._chunks:
+            self._starts.append(total)
+            total += len(chunk)
+        self._length = total
+
+    def __len__(self) -> int:
+        return self._length
+
+    def bisect_left(self, seq: int) -> int:
+        """How many seqs are below ``seq``."""
+        at = bisect.bisect_right(self._firsts, seq) - 1
+        if at < 0:
+            return 0
+        return self._starts[at] + bisect.bisect_left(self._chunks[at], seq)
+
+    def __contains__(self, seq: object) -> bool:
+        if not isinstance(seq, int):
+            return False
+        at = bisect.bisect_right(self._firsts, seq) - 1
+        return at >= 0 and _contains(self._chunks[at], seq)
 
 
 class QueueRanks:
@@ -68,7 +104,7 @@ class QueueRanks:
         self._clock = clock
         self._lock = threading.Lock()  # guards the picture and the deltas
         self._loading = threading.Lock()  # one load at a time
-        self._lines: dict[Line, array[int]] | None = None  # None: never loaded
+        self._lines: dict[Line, SortedSeqs] | None = None  # None: never loaded
         self._added: dict[Line, list[int]] = {}  # queued here since the load, not in it
         self._removed: dict[Line, list[int]] = {}  # left here since the load, still in it
         self._journal: list[tuple[bool, Line, int]] | None = None  # notes during a load
@@ -97,7 +133,7 @@ class QueueRanks:
         """Idempotent: the job is (or is not) in the line afterwards, whatever it was."""
         assert self._lines is not None
         base = self._lines.get(line)
-        in_base = base is not None and _contains(base, seq)
+        in_base = base is not None and seq in base
         keep, drop = (self._added, self._removed) if queued else (self._removed, self._added)
         if in_base != queued:
             _insert(keep.setdefault(line, []), seq)
@@ -165,7 +201,7 @@ class QueueRanks:
         assert self._lines is not None
         base = self._lines.get(line)
         return (
-            (0 if base is None else bisect.bisect_left(base, seq))
+            (0 if base is None else base.bisect_left(seq))
             + bisect.bisect_left(self._added.get(line, []), seq)
             - bisect.bisect_left(self._removed.get(line, []), seq)
         )
@@ -181,10 +217,11 @@ class QueueRanks:
                 self._journal = []
             started = time.perf_counter()
             try:
-                lines = {
-                    (engine, priority): seqs if isinstance(seqs, array) else array("q", seqs)
-                    for engine, priority, seqs in self._load()
-                }
+                chunks: dict[Line, list[array[int]]] = {}
+                for engine, priority, seqs in self._load():
+                    chunk = seqs if isinstance(seqs, array) else array("q", seqs)
+                    chunks.setdefault((engine, priority), []).append(chunk)
+                lines = {line: SortedSeqs(parts) for line, parts in chunks.items()}
             except BaseException:
                 with self._lock:
                     self._journal = None
