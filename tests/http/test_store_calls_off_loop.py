@@ -20,6 +20,7 @@ from kontext_server.config import Settings
 from kontext_server.core.auth import create_api_key
 from kontext_server.files.local import LocalFileStore
 from kontext_server.http.app import create_app
+from kontext_server.logs import current_request_id
 from kontext_server.store.base import JobStore
 from kontext_server.store.sqlite import SQLiteJobStore
 from kontext_server.webhooks.signing import WebhookSigner
@@ -33,12 +34,14 @@ class ThreadRecordingStore:
         self.inner = inner
         self.waits_on_network = waits_on_network
         self.threads: defaultdict[str, set[threading.Thread]] = defaultdict(set)
+        self.request_ids: defaultdict[str, set[str | None]] = defaultdict(set)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.inner, name)
 
         def recorded(*args: Any, **kwargs: Any) -> Any:
             self.threads[name].add(threading.current_thread())
+            self.request_ids[name].add(current_request_id())
             return method(*args, **kwargs)
 
         return recorded
@@ -63,7 +66,8 @@ def _serve(
     signer: WebhookSigner,
     headers: dict[str, str],
 ) -> set[threading.Thread]:
-    """A submit and a status poll; the threads the loop served them on."""
+    """A submit and a status poll; the threads the loop served them on. The poll's store
+    calls ran with its request id in context (what log lines carry), wherever they ran."""
     app: FastAPI = create_app(
         settings, cast(JobStore, store), files, signer=signer, run_background=False
     )
@@ -74,6 +78,7 @@ def _serve(
         status = client.get(submitted.json()["status_url"], headers=headers)
         assert status.status_code == 202, status.text
     assert len(loop_thread.threads) == 1
+    assert store.request_ids["get"] == {submitted.json()["request_id"]}
     return loop_thread.threads
 
 

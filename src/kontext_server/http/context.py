@@ -3,12 +3,14 @@ dependencies that hand it out. ``build_app`` puts one ``ApiContext`` on ``app.st
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, ParamSpec, TypeVar, cast
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from kontext_server.config import Settings
 from kontext_server.core.auth import Authenticator, Principal
@@ -50,9 +52,12 @@ class ApiContext:
         """``call(...)``, a call that uses the job store: on the event loop where the store
         answers locally (SQLite: microseconds, less than a thread hop), in the thread pool
         where it waits on the network (PostgreSQL), so that the loop serves others
-        meanwhile."""
+        meanwhile: the loop's default executor (where group commit's flushes run too), with
+        this request's context variables (its id in log lines). Not ``run_in_threadpool``:
+        anyio's hop cost ~85 us of CPU per call against ~45 us, a tenth of a status poll."""
         if self.service.store.waits_on_network:
-            return await run_in_threadpool(call, *args, **kwargs)
+            bound = functools.partial(contextvars.copy_context().run, call, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(None, bound)
         return call(*args, **kwargs)
 
 
