@@ -960,6 +960,7 @@ def measure_queue_position(options: BenchOptions) -> dict[str, Any]:
         "queued_jobs": figures["queued_jobs"],
         "samples": figures["samples"],
         "positions": positions,
+        "warmup": figures["warmup"],  # the calls before the timed ones (queue_position.py)
         "worst_p50_ms": max(p["p50_ms"] for p in positions.values()),
         "worst_p99_ms": max(p["p99_ms"] for p in positions.values()),
         "claim_deep_queue": figures["claim"],

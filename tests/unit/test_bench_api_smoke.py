@@ -74,6 +74,7 @@ def test_status_pollers_saw_queued_and_running_requests(figures: dict[str, Any])
 def test_queue_start_and_overhead_figures_are_measured(figures: dict[str, Any]) -> None:
     assert figures["queue_position"]["queued_jobs"] == 50
     assert figures["queue_position"]["worst_p99_ms"] > 0
+    assert figures["queue_position"]["warmup"]["max_ms"] > 0  # reported apart, not dropped
     assert figures["submit_to_running"]["samples"] == 2
     assert figures["submit_to_running"]["from_created"]["p50_ms"] > 0
     assert figures["job_overhead"]["jobs"] == 2
