@@ -17,7 +17,8 @@ Freshness (fal's ``queue_position`` is a hint, not a contract):
   the next load. While positions are being asked, a refresher thread reloads every
   ``max_age_s`` (1 s; or every four loads' time if that is longer: at most a fifth of its
   time goes to loading), so an answer reflects them within that period plus one load's
-  duration: 1.0-1.1 s at 100k queued, ~2.5 s at 1M on PostgreSQL.
+  duration: 1.0-1.1 s at 100k queued, ~3.8 s at 1M on PostgreSQL (a load takes 0.7-0.8 s
+  there).
   A refresher that nobody has asked for ``idle_stop_s`` stops; the next question then loads
   at once (in the caller's thread), so an answer is never older than that.
 
@@ -251,7 +252,7 @@ class QueueRanks:
     @property
     def period_s(self) -> float:
         """The refresher's pause between loads: ``max_age_s``, or four loads' time when that
-        is longer (a 1M-job queue on PostgreSQL loads in ~0.5 s), so that loading takes at
+        is longer (a 1M-job queue on PostgreSQL loads in ~0.75 s), so that loading takes at
         most a fifth of the refresher's time."""
         return max(self.max_age_s, LOAD_SHARE_FACTOR * self._load_s)
 
