@@ -101,6 +101,8 @@ def test_a_store_on_the_network_is_called_off_the_event_loop(
     for name in called:
         assert recording.threads[name], f"{name} was not called"
         assert not recording.threads[name] & loop_threads, f"{name} ran on the event loop"
+    # A status poll's read runs on the store's own threads, one per pooled connection.
+    assert {thread.name.split("_")[0] for thread in recording.threads["get"]} == {"kontext-store"}
 
 
 def test_a_local_store_is_called_on_the_event_loop(

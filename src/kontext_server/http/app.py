@@ -13,6 +13,7 @@ import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -176,6 +177,9 @@ def _context(services: ApiServices, options: AppOptions) -> ApiContext:
         max_body_bytes=_max_body_bytes(settings),
         max_data_uri_bytes=settings.max_image_bytes,
         url_checker=services.url_checker,
+        store_threads=ThreadPoolExecutor(
+            max_workers=settings.pg_pool_max, thread_name_prefix="kontext-store"
+        ),
     )
 
 
